@@ -1,0 +1,217 @@
+"""Batch runs: finding slides, slide lists, shards, and a run loop that survives bad slides.
+
+Every per-slide failure becomes a report row; a worker process that dies (a segfault in a
+slide library on a corrupt file) costs only the slide it was on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing as mp
+import os
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from .h5io import tmp_path
+from .slides import SLIDE_EXTENSIONS
+from .tiling import SlideJob
+
+log = logging.getLogger(__name__)
+
+REPORT_COLUMNS = ["slide_id", "path", "status", "n_patches", "tissue_area_mm2", "level0_mpp",
+                  "read_level", "seconds", "error", "warning"]
+
+
+class UsageError(Exception):
+    """Bad input found before any work starts (exit code 2)."""
+
+
+def parse_extensions(ext: str | None) -> tuple[str, ...]:
+    if not ext:
+        return SLIDE_EXTENSIONS
+    return tuple("." + e.strip().lower().lstrip(".") for e in ext.split(",") if e.strip())
+
+
+def discover(inputs: Iterable[Path], slide_list: Path | None = None, recursive: bool = False,
+             extensions: tuple[str, ...] = SLIDE_EXTENSIONS) -> list[SlideJob]:
+    """Slides from files, folders and a CSV slide list; ids are file stems and must be unique."""
+    jobs: list[SlideJob] = []
+    for p in inputs:
+        p = Path(p)
+        if p.is_file():
+            jobs.append(SlideJob(p, p.stem, size=p.stat().st_size))
+        elif p.is_dir():
+            found = sorted(p.rglob("*") if recursive else p.iterdir())
+            files = [f for f in found if f.is_file() and not f.name.startswith(".")
+                     and f.suffix.lower() in extensions]
+            if not files:
+                raise UsageError(f"no slides ({', '.join(extensions)}) found in folder {p}"
+                                 + ("" if recursive else "; use --recursive for subfolders"))
+            jobs += [SlideJob(f, f.stem, size=f.stat().st_size) for f in files]
+        else:
+            raise UsageError(f"no such file or folder: {p}")
+    if slide_list is not None:
+        jobs += read_slide_list(slide_list)
+    if not jobs:
+        raise UsageError("no slides given: pass files, folders or --slide-list CSV")
+    seen: dict[str, Path] = {}
+    for j in jobs:
+        if j.slide_id in seen:
+            raise UsageError(f"duplicate slide id {j.slide_id!r}: {seen[j.slide_id]} and "
+                             f"{j.path}. Give distinct 'slide_id' values in a --slide-list CSV.")
+        seen[j.slide_id] = j.path
+    return jobs
+
+
+def read_slide_list(path: Path) -> list[SlideJob]:
+    """CSV with a `path` column and optional `slide_id` and `mpp`; relative paths are taken
+    from the CSV's folder."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+            cols = [c.strip() for c in (rows[0].keys() if rows else [])]
+    except OSError as e:
+        raise UsageError(f"cannot read slide list {path}: {e}") from e
+    if "path" not in cols:
+        have = ", ".join(cols) or "none"
+        raise UsageError(f"slide list {path} has no 'path' column (columns: {have}); "
+                         "expected path[,slide_id][,mpp]")
+    jobs = []
+    for i, r in enumerate(rows, start=2):
+        r = {k.strip(): (v or "").strip() for k, v in r.items() if k}
+        p = Path(r["path"])
+        if not p.is_absolute():
+            p = path.parent / p
+        if not p.is_file():
+            raise UsageError(f"slide list {path}, line {i}: no such file {p}")
+        mpp = None
+        if r.get("mpp"):
+            try:
+                mpp = float(r["mpp"])
+            except ValueError:
+                raise UsageError(f"slide list {path}, line {i}: mpp {r['mpp']!r} is not a "
+                                 "number") from None
+            if not mpp > 0:
+                raise UsageError(f"slide list {path}, line {i}: mpp must be positive")
+        jobs.append(SlideJob(p, r.get("slide_id") or p.stem, mpp, p.stat().st_size))
+    return jobs
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def take_shard(jobs: list[SlideJob], shard: tuple[int, int]) -> list[SlideJob]:
+    """A deterministic share: every n-th slide in slide-id order, from the i-th."""
+    i, n = shard
+    return sorted(jobs, key=lambda j: j.slide_id)[i::n]
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tmp_path(out / "write-test")
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output folder {out} cannot be written: {e}") from e
+
+
+class Report:
+    """A CSV written row by row to a temporary file and renamed into place at the end."""
+
+    def __init__(self, path: Path, columns: list[str] = REPORT_COLUMNS):
+        self.path, self.columns = path, columns
+        self.tmp = tmp_path(path)
+        self._fh = open(self.tmp, "w", newline="")
+        self._w = csv.DictWriter(self._fh, columns, extrasaction="ignore")
+        self._w.writeheader()
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self._w.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+
+
+def _progress(total: int, desc: str):
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="slide")
+    return None
+
+
+def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: Report,
+              num_workers: int = 1, desc: str = "slides") -> dict[str, int]:
+    """Run `fn` on each slide (in `num_workers` processes; 0 = in this process) and record one
+    row per slide. `fn` turns its own errors into rows; a crashed worker is retried alone."""
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    bar = _progress(len(jobs), desc)
+
+    def record(row: dict) -> None:
+        counts[row["status"] if row["status"] in counts else "failed"] += 1
+        report.add(row)
+        if row["status"] == "failed":
+            log.error("%s failed: %s", row["slide_id"], row["error"])
+        elif row.get("warning"):
+            log.warning("%s: %s", row["slide_id"], row["warning"])
+        if bar is not None:
+            bar.update(1)
+        else:
+            log.info("[%d/%d] %s %s (%ss)", sum(counts.values()), len(jobs), row["slide_id"],
+                     row["status"], row["seconds"])
+
+    if num_workers <= 0:
+        for job in jobs:
+            record(fn(job))
+    else:
+        crashed = _run_pool(jobs, fn, num_workers, record)
+        for job in crashed:  # alone, so a second crash can only be this slide's fault
+            again = _run_pool([job], fn, 1, record)
+            for j in again:
+                record({"slide_id": j.slide_id, "path": str(j.path), "status": "failed",
+                        "seconds": 0, "error": "the worker process crashed reading this slide "
+                        "(corrupt file or a bug in the slide library)"})
+    if bar is not None:
+        bar.close()
+    return counts
+
+
+def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record) -> list[SlideJob]:
+    crashed: list[SlideJob] = []
+    with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)),
+                             mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker,
+                             initargs=(logging.getLogger().level,)) as pool:
+        pending: dict[Future, SlideJob] = {pool.submit(fn, j): j for j in jobs}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = pending.pop(fut)
+                try:
+                    record(fut.result())
+                except BrokenProcessPool:
+                    crashed.append(job)
+    return crashed
+
+
+def _init_worker(level: int) -> None:
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+

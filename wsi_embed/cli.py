@@ -1,0 +1,155 @@
+"""The `wsi-embed` command line: parse options, call the library, report. No logic here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Whole-slide images to patch embeddings and slide-level predictions.")
+log = logging.getLogger("wsi_embed")
+
+LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+OUT = typer.Option(..., "--out", help="Output folder.")
+SLIDE_LIST = typer.Option(None, "--slide-list", help="CSV with path[,slide_id][,mpp].")
+RECURSIVE = typer.Option(False, "--recursive", help="Search folders recursively.")
+EXT = typer.Option(None, "--ext", help="Comma-separated slide extensions for folders.")
+TARGET_MPP = typer.Option(None, "--target-mpp", help="Patch resolution in µm/px (default 0.5).")
+MAGNIFICATION = typer.Option(None, "--magnification", help="Sugar for MPP: 20 = 0.5 µm/px.")
+PATCH_SIZE = typer.Option(256, "--patch-size", help="Patch side in px at the target MPP.")
+OVERLAP = typer.Option(0, "--overlap", help="Overlap between patches in px at the target MPP.")
+MIN_TISSUE = typer.Option(0.25, "--min-tissue", help="Keep patches with this tissue fraction.")
+SLIDE_MPP = typer.Option(None, "--slide-mpp", help="Level-0 MPP for slides (overrides metadata).")
+TISSUE = typer.Option("auto", "--tissue", help="auto (detect) or none (whole slide).")
+TISSUE_MASK = typer.Option(None, "--tissue-mask",
+                           help="PNG mask or GeoJSON (level-0 px), or a folder of <slide_id>.*")
+OVERWRITE = typer.Option(False, "--overwrite", help="Redo slides whose outputs exist.")
+SHARD = typer.Option(None, "--shard", help="i/n: process the i-th of n deterministic shares.")
+NUM_WORKERS = typer.Option(min(8, os.cpu_count() or 1), "--num-workers",
+                           help="Worker processes (0 = in the main process).")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _usage_error(msg: str) -> typer.Exit:
+    typer.echo(f"Error: {msg}", err=True)
+    return typer.Exit(2)
+
+
+def _target_mpp(target_mpp: float | None, magnification: float | None) -> float:
+    from .tiling import magnification_to_mpp
+
+    if target_mpp is not None and magnification is not None:
+        raise _usage_error("give --target-mpp or --magnification, not both")
+    if magnification is not None:
+        if magnification <= 0:
+            raise _usage_error("--magnification must be positive")
+        return magnification_to_mpp(magnification)
+    return 0.5 if target_mpp is None else target_mpp
+
+
+@app.command()
+def info(slide: Path = typer.Argument(..., help="A slide file."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+         log_level: str = LOG_LEVEL) -> None:
+    """Vendor, size, levels, MPP and objective power of one slide."""
+    from .slides import SlideError, open_slide, slide_info
+
+    _setup_logging(log_level)
+    try:
+        with open_slide(slide) as s:
+            data = slide_info(s)
+    except SlideError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"{data['path']}\n  vendor: {data['vendor']}\n"
+               f"  size: {data['width']} x {data['height']} px\n"
+               f"  mpp: {data['mpp']} ({data['mpp_source']})\n"
+               f"  objective power: {data['objective_power']} ({data['objective_power_source']})")
+    for i, lv in enumerate(data["levels"]):
+        typer.echo(f"  level {i}: {lv['width']} x {lv['height']}  downsample {lv['downsample']}"
+                   f"  mpp {lv['mpp']}")
+    typer.echo(f"  associated images: {', '.join(data['associated_images']) or 'none'}")
+
+
+def _jobs(slides, slide_list, recursive, ext, shard):
+    from .batch import UsageError, discover, parse_extensions, parse_shard, take_shard
+
+    try:
+        jobs = discover(slides or [], slide_list, recursive, parse_extensions(ext))
+        return take_shard(jobs, parse_shard(shard))
+    except UsageError as e:
+        raise _usage_error(str(e)) from None
+
+
+def _finish(counts: dict[str, int], report_path: Path) -> None:
+    total = sum(counts.values())
+    msg = (f"{total} slides: {counts['ok']} done, {counts['skipped']} already done, "
+           f"{counts['failed']} failed; report: {report_path}")
+    if counts["failed"]:
+        log.error(msg)
+        raise typer.Exit(1)
+    log.info(msg)
+
+
+@app.command()
+def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders."),
+         out: Path = OUT, slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE,
+         ext: str = EXT, target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
+         patch_size: int = PATCH_SIZE, overlap: int = OVERLAP, min_tissue: float = MIN_TISSUE,
+         slide_mpp: float = SLIDE_MPP, tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
+         overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
+         log_level: str = LOG_LEVEL) -> None:
+    """Find tissue and lay a grid of patches at a physical resolution."""
+    from .batch import Report, UsageError, check_writable, run_batch
+    from .h5io import remove_stale_tmp
+    from .tiling import TileConfig, TileParams, run_tile_job
+
+    _setup_logging(log_level)
+    jobs = _jobs(slides, slide_list, recursive, ext, shard)
+    if tissue not in ("auto", "none"):
+        raise _usage_error("--tissue must be auto or none")
+    if tissue_mask is not None and not tissue_mask.exists():
+        raise _usage_error(f"--tissue-mask {tissue_mask} does not exist")
+    if tissue_mask is not None and tissue_mask.is_file() and len(jobs) > 1:
+        raise _usage_error("--tissue-mask is one file but there are several slides; give a "
+                           "folder of <slide_id>.geojson/.png masks")
+    try:
+        params = TileParams(_target_mpp(target_mpp, magnification), patch_size, overlap,
+                            min_tissue, "mask" if tissue_mask else tissue)
+        check_writable(out)
+    except (ValueError, UsageError) as e:
+        raise _usage_error(str(e)) from None
+    for sub in ("coords", "thumbnails"):
+        remove_stale_tmp(out / sub)
+    cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite)
+    report = Report(out / "tile_report.csv")
+    try:
+        counts = run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers,
+                           desc="tile")
+    finally:
+        report.close()
+    _finish(counts, report.path)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,166 @@
+"""HDF5 coords and features files: schema, atomic writes, validation and tolerant readers.
+
+A file appears under its final name only once complete (written to a hidden temporary name
+in the same folder, then renamed), so "the file exists and validates" means "done".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+
+COORDS_SCHEMA = "wsi-embed/coords/1"
+FEATURES_SCHEMA = "wsi-embed/features/1"
+TMP_SUFFIX = ".tmp"
+#: Keep each HDF5 chunk at or under 1 MiB (DESIGN.md).
+CHUNK_BYTES = 1 << 20
+
+
+class OutputError(Exception):
+    """An existing output that cannot be used as is (corrupt, or made with other settings)."""
+
+
+def tmp_path(final: Path) -> Path:
+    """A hidden name unique to this host and process, so concurrent writers never collide."""
+    return final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete temporary files that this host's dead processes left behind (killed runs)."""
+    host, removed = socket.gethostname(), 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        parts = p.name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
+            if not _pid_alive(int(parts[2])):
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_h5(final: Path) -> Iterator[h5py.File]:
+    """Open a temporary HDF5 file; on clean exit flush, fsync and rename it to `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(final)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def chunk_rows(row_bytes: int, n: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def slide_provenance(slide_path: Path) -> dict:
+    st = slide_path.stat()
+    return {
+        "slide_path": str(slide_path.resolve()),
+        "slide_size_bytes": int(st.st_size),
+        "slide_mtime": float(st.st_mtime),
+        "wsi_embed_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_coords_dataset(f: h5py.File, coords: np.ndarray, attrs: dict) -> None:
+    n = len(coords)
+    ds = f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(n, 2),
+                          chunks=(chunk_rows(16, n), 2) if n else None, maxshape=(n, 2))
+    for k, v in attrs.items():
+        ds.attrs[k] = v
+
+
+def write_coords_file(final: Path, coords: np.ndarray, tissue_fraction: np.ndarray,
+                      coords_attrs: dict, root_attrs: dict) -> None:
+    with atomic_h5(final) as f:
+        f.attrs["schema"] = COORDS_SCHEMA
+        for k, v in root_attrs.items():
+            f.attrs[k] = v
+        write_coords_dataset(f, coords, coords_attrs)
+        f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
+
+
+@dataclass
+class CoordsFile:
+    coords: np.ndarray
+    tissue_fraction: np.ndarray | None
+    attrs: dict  # attrs of the coords dataset
+    root: dict
+
+
+def _attrs(obj) -> dict:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
+
+
+def read_coords_file(path: Path) -> CoordsFile:
+    with h5py.File(path, "r") as f:
+        ds = f["coords"]
+        tf = f["tissue_fraction"][:] if "tissue_fraction" in f else None
+        return CoordsFile(ds[:].astype(np.int64), tf, _attrs(ds), _attrs(f))
+
+
+def check_output(path: Path, schema: str, expect: dict | None = None) -> str | None:
+    """Why `path` is not a finished output of `schema` made with `expect` root attrs (None if
+    it is one). A missing file is "missing"."""
+    if not path.exists():
+        return "missing"
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("schema") != schema:
+                return f"schema {f.attrs.get('schema')!r} is not {schema!r}"
+            if "coords" not in f:
+                return "no coords dataset"
+            n = f["coords"].shape[0]
+            for name in ("tissue_fraction", "features"):
+                if name in f and f[name].shape[0] != n:
+                    return f"{name} has {f[name].shape[0]} rows, coords {n}"
+            if "features" in f and n:
+                f["features"][n - 1]  # the last row must be readable
+            for k, v in (expect or {}).items():
+                have = f.attrs.get(k)
+                if isinstance(have, bytes):
+                    have = have.decode()
+                if not _same(have, v):
+                    return f"made with {k}={have!r}, this run asks {v!r}"
+    except OSError as e:
+        return f"unreadable ({e})"
+    return None
+
+
+def _same(a, b) -> bool:
+    if isinstance(b, float) or isinstance(a, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, np.generic):
+        a = a.item()
+    return a == b

@@ -1,0 +1,117 @@
+"""Synthetic pyramidal slides with known content, for tests, benchmarks and set-up checks.
+
+Written with tifffile as JPEG-tiled TIFFs: Aperio-style (OpenSlide vendor `aperio`) or
+generic tiled TIFF with resolution tags (vendor `generic-tiff`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+BACKGROUND = (242, 242, 242)
+EOSIN = (226, 140, 190)
+NUCLEUS = (105, 60, 150)
+FAINT = (236, 219, 229)
+BLUE_INK = (35, 60, 190)
+GREEN_INK = (40, 150, 70)
+
+
+def write_slide(path: Path, width: int, height: int, mpp: float,
+                tile_fn: Callable[[int, int, int, int], np.ndarray], *, tile: int = 256,
+                downsamples: tuple[int, ...] = (1, 4, 16), aperio: bool = True,
+                quality: int = 90) -> Path:
+    """Write a pyramid whose level-0 pixels come from tile_fn(x, y, w, h) -> (h, w, 3) uint8.
+
+    Coarser levels are made by reading level 0 through tile_fn at the needed footprint and
+    area-resizing, one tile at a time, so memory stays small whatever the slide size.
+    """
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tw:
+        for i, d in enumerate(downsamples):
+            lw, lh = -(-width // d), -(-height // d)
+            kw = {}
+            if aperio and i == 0:
+                kw["description"] = (f"Aperio Image Library v12.0.15\r\n{width}x{height} "
+                                     f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = "
+                                     f"{round(10 / mpp)}|MPP = {mpp}")
+            elif not aperio:
+                kw["resolution"] = (1e4 / (mpp * d), 1e4 / (mpp * d))
+                kw["resolutionunit"] = "CENTIMETER"
+            tw.write(_level_tiles(tile_fn, width, height, lw, lh, d, tile), shape=(lh, lw, 3),
+                     dtype=np.uint8, tile=(tile, tile), compression="jpeg",
+                     compressionargs={"level": quality},
+                     photometric="rgb", subfiletype=0 if i == 0 else 1, metadata=None, **kw)
+    return path
+
+
+def _level_tiles(tile_fn, width, height, lw, lh, d, tile) -> Iterator[np.ndarray]:
+    for ty in range(0, lh, tile):
+        for tx in range(0, lw, tile):
+            w, h = min(tile, lw - tx), min(tile, lh - ty)
+            x0, y0 = tx * d, ty * d
+            w0, h0 = min(w * d, width - x0), min(h * d, height - y0)
+            region = tile_fn(x0, y0, w0, h0)
+            if d > 1:
+                region = cv2.resize(region, (max(1, w0 // d), max(1, h0 // d)),
+                                    interpolation=cv2.INTER_AREA)
+            out = np.full((tile, tile, 3), 255, np.uint8)
+            out[: region.shape[0], : region.shape[1]] = region[:h, :w]
+            yield out
+
+
+def array_tile_fn(img: np.ndarray) -> Callable[[int, int, int, int], np.ndarray]:
+    return lambda x, y, w, h: img[y : y + h, x : x + w]
+
+
+@dataclass
+class Phantom:
+    """A tissue phantom: the level-0 image and its ground-truth masks."""
+
+    image: np.ndarray
+    tissue: np.ndarray  # bool, tissue not covered by ink
+    ink: np.ndarray  # bool
+    faint: np.ndarray  # bool, the faint tissue region
+
+
+def tissue_phantom(width: int = 8000, height: int = 6000, seed: int = 0) -> Phantom:
+    """Two H&E-like regions, a faint pale-pink region, blue and green pen strokes crossing
+    background and tissue, and a noisy white background with dust specks."""
+    rng = np.random.default_rng(seed)
+    strong = np.zeros((height, width), np.uint8)
+    faint = np.zeros((height, width), np.uint8)
+    s = width / 8000
+    cv2.ellipse(strong, (int(2000 * s), int(2000 * s)), (int(1400 * s), int(1150 * s)), 20, 0,
+                360, 1, -1)
+    cv2.ellipse(strong, (int(5900 * s), int(2100 * s)), (int(1500 * s), int(950 * s)), -10, 0,
+                360, 1, -1)
+    cv2.ellipse(faint, (int(4000 * s), int(4700 * s)), (int(1900 * s), int(800 * s)), 0, 0,
+                360, 1, -1)
+    faint &= 1 - strong
+    palette = np.array([BACKGROUND, EOSIN, FAINT], np.uint8)
+    img = palette[strong + 2 * faint]
+    eroded = cv2.erode(strong, np.ones((17, 17), np.uint8))  # nuclei stay inside the tissue
+    ys, xs = np.nonzero(eroded[::16, ::16])
+    pick = rng.choice(len(xs), size=min(len(xs), 30000), replace=False)
+    for x, y in zip(xs[pick] * 16, ys[pick] * 16, strict=True):
+        cv2.circle(img, (int(x), int(y)), int(rng.integers(4, 8)), NUCLEUS, -1)
+    for _ in range(40):  # dust specks on the glass: tiny, must not count as tissue
+        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
+                   int(rng.integers(3, 10)), (120, 110, 115), -1)
+    ink = np.zeros((height, width), np.uint8)
+    for (p0, p1), colour in (
+        (((int(300 * s), int(3900 * s)), (int(3600 * s), int(300 * s))), BLUE_INK),
+        (((int(5200 * s), int(5800 * s)), (int(7700 * s), int(800 * s))), GREEN_INK),
+    ):
+        cv2.line(img, p0, p1, colour, int(260 * s))
+        cv2.line(ink, p0, p1, 1, int(260 * s))
+    noise = rng.integers(0, 13, img.shape, dtype=np.uint8)
+    img = cv2.subtract(cv2.add(img, noise), np.full_like(img, 6))
+    tissue = ((strong | faint) == 1) & (ink == 0)
+    return Phantom(img, tissue, ink.astype(bool), faint.astype(bool) & (ink == 0))

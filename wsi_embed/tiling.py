@@ -1,0 +1,269 @@
+"""The patch grid: physical-resolution geometry, tissue fraction per patch, coords files."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import h5io
+from .slides import PatchGeometry, Slide, SlideError, open_slide, read_thumbnail
+from .tissue import (
+    TissueMask,
+    TissueParams,
+    detect_tissue,
+    full_mask,
+    mask_from_file,
+    thumbnail_downsample,
+)
+
+log = logging.getLogger(__name__)
+
+#: Upsampling a slide by more than this factor to reach the target is refused as an error.
+MAX_UPSAMPLE = 2.0
+#: A patch whose area is at least this fraction of pen ink is dropped whatever its tissue.
+MAX_PEN_FRACTION = 0.5
+
+
+def magnification_to_mpp(mag: float) -> float:
+    """The convention of DESIGN.md: 20× = 0.5 µm/px, 40× = 0.25 µm/px."""
+    return 10.0 / mag
+
+
+@dataclass(frozen=True)
+class TileParams:
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    overlap: int = 0
+    min_tissue: float = 0.25
+    tissue: str = "auto"  # auto | none | mask (a --tissue-mask was given)
+
+    def __post_init__(self) -> None:
+        if self.patch_size <= 0:
+            raise ValueError("--patch-size must be positive")
+        if not 0 <= self.overlap < self.patch_size:
+            raise ValueError("--overlap must be ≥ 0 and smaller than --patch-size")
+        if not 0 <= self.min_tissue <= 1:
+            raise ValueError("--min-tissue must be between 0 and 1")
+        if not self.target_mpp > 0:
+            raise ValueError("--target-mpp must be positive")
+
+    def root_attrs(self) -> dict:
+        """Tiling parameters stored in (and checked against) every coords file."""
+        return {f"tiling_{k}": v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide of a batch: where it is, its id, and a per-slide MPP from the slide list."""
+
+    path: Path
+    slide_id: str
+    mpp: float | None = None
+    size: int = 0
+
+
+def resolve_mpp(slide: Slide, job: SlideJob, slide_mpp: float | None) -> float:
+    """The slide list's per-slide MPP, else --slide-mpp, override metadata (with a warning
+    when they disagree); else metadata; else a SlideError naming both fixes."""
+    if job.mpp is not None:
+        override, source = job.mpp, "slide list 'mpp' column"
+    elif slide_mpp is not None:
+        override, source = slide_mpp, "--slide-mpp"
+    else:
+        override, source = None, ""
+    mpp = slide.set_mpp(override, source)
+    meta = slide.metadata_mpp
+    if override is not None and meta is not None and abs(meta / override - 1) > 0.02:
+        log.warning("%s: using MPP %.4g from %s; the slide's metadata says %.4g",
+                    job.slide_id, override, source, meta)
+    return mpp
+
+
+def check_geometry(slide: Slide, target_mpp: float) -> None:
+    if slide.mpp > target_mpp * MAX_UPSAMPLE * 1.02:
+        raise SlideError(
+            f"{slide.path}: level-0 resolution {slide.mpp:.4g} µm/px is more than "
+            f"{MAX_UPSAMPLE:g}x coarser than the target {target_mpp:g} µm/px; patches would be "
+            "upsampled. Use a coarser --target-mpp, or --slide-mpp if the metadata is wrong.")
+
+
+def grid_coords(width: int, height: int, ps0: int, step0: int) -> np.ndarray:
+    """Top-left level-0 corners of every patch lying wholly inside the slide, row-major."""
+    xs = np.arange(0, width - ps0 + 1, step0, dtype=np.int64)
+    ys = np.arange(0, height - ps0 + 1, step0, dtype=np.int64)
+    if len(xs) == 0 or len(ys) == 0:
+        return np.zeros((0, 2), np.int64)
+    gx, gy = np.meshgrid(xs, ys)
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def box_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray,
+                  ps0: int) -> np.ndarray:
+    """Fraction of each level-0 box [x, x+ps0) x [y, y+ps0) covered by a low-res `mask`."""
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    ii[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+    h, w = mask.shape
+    x0 = np.clip(np.round(coords[:, 0] / downsample).astype(int), 0, w)
+    y0 = np.clip(np.round(coords[:, 1] / downsample).astype(int), 0, h)
+    x1 = np.clip(np.round((coords[:, 0] + ps0) / downsample).astype(int), 0, w)
+    y1 = np.clip(np.round((coords[:, 1] + ps0) / downsample).astype(int), 0, h)
+    x1, y1 = np.maximum(x1, x0 + 1).clip(max=w), np.maximum(y1, y0 + 1).clip(max=h)
+    s = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    return (s / area).astype(np.float32)
+
+
+def coords_attrs(slide: Slide, geom: PatchGeometry, params: TileParams, slide_id: str) -> dict:
+    """Attributes of the `coords` dataset, in CLAM/TRIDENT's vocabulary plus physical units."""
+    return {
+        "patch_size": geom.patch_size,
+        "patch_size_level0": geom.patch_size_level0,
+        "patch_level": geom.level,
+        "downsample": geom.downsample,
+        "level0_mpp": slide.mpp,
+        "target_mpp": geom.target_mpp,
+        "target_magnification": 10.0 / geom.target_mpp,
+        "overlap": params.overlap,
+        "level0_width": slide.width,
+        "level0_height": slide.height,
+        "name": slide_id,
+        "read_size": geom.read_size,
+    }
+
+
+@dataclass
+class TileResult:
+    coords: np.ndarray
+    tissue_fraction: np.ndarray
+    geometry: PatchGeometry
+    mask: TissueMask
+    thumbnail: np.ndarray
+    attrs: dict
+
+
+def tile_open_slide(slide: Slide, slide_id: str, params: TileParams,
+                    tissue_mask: Path | None = None,
+                    tissue_params: TissueParams | None = None) -> TileResult:
+    """Tissue mask and kept grid of an open slide whose MPP is already resolved."""
+    check_geometry(slide, params.target_mpp)
+    geom = slide.geometry(params.patch_size, params.target_mpp)
+    d = thumbnail_downsample(slide.width, slide.height, slide.mpp)
+    thumb = read_thumbnail(slide, d)
+    d_eff = slide.width / thumb.shape[1]
+    if tissue_mask is not None:
+        mask = mask_from_file(tissue_mask, thumb.shape[:2], d_eff)
+    elif params.tissue == "none":
+        mask = full_mask(thumb.shape[:2], d_eff)
+    else:
+        mask = detect_tissue(thumb, d_eff, slide.mpp, tissue_params)
+    step0 = (geom.patch_size_level0 if params.overlap == 0
+             else round((params.patch_size - params.overlap) * geom.patch_size_level0
+                        / params.patch_size))
+    grid = grid_coords(slide.width, slide.height, geom.patch_size_level0, step0)
+    frac = box_fractions(mask.tissue, d_eff, grid, geom.patch_size_level0)
+    keep = frac >= max(params.min_tissue, 1e-6)
+    if mask.pen.any():
+        keep &= box_fractions(mask.pen, d_eff, grid, geom.patch_size_level0) < MAX_PEN_FRACTION
+    attrs = coords_attrs(slide, geom, params, slide_id)
+    return TileResult(grid[keep], frac[keep], geom, mask, thumb, attrs)
+
+
+def coords_root_attrs(slide: Slide, params: TileParams, mpp_source: str) -> dict:
+    return {**h5io.slide_provenance(slide.path), **params.root_attrs(),
+            "mpp_source": mpp_source}
+
+
+def write_tile_outputs(out: Path, slide_id: str, slide: Slide, res: TileResult,
+                       params: TileParams) -> None:
+    from .viz import save_tiling_overlay
+
+    # the coords file is the "done" marker, so it is written last
+    save_tiling_overlay(out / "thumbnails" / f"{slide_id}.png", res)
+    h5io.write_coords_file(coords_path(out, slide_id), res.coords, res.tissue_fraction,
+                           res.attrs, coords_root_attrs(slide, params, slide.mpp_source))
+
+
+def coords_path(out: Path, slide_id: str) -> Path:
+    return out / "coords" / f"{slide_id}.h5"
+
+
+def report_row(job: SlideJob, status: str, t0: float, **kw) -> dict:
+    row = {"slide_id": job.slide_id, "path": str(job.path), "status": status,
+           "n_patches": "", "tissue_area_mm2": "", "level0_mpp": "", "read_level": "",
+           "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": ""}
+    row.update(kw)
+    return row
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Everything a tile worker needs (picklable: it crosses process boundaries)."""
+
+    out: Path
+    params: TileParams
+    slide_mpp: float | None = None
+    tissue_mask: Path | None = None  # a file (one slide) or a folder of <slide_id>.png/.geojson
+    overwrite: bool = False
+
+    def mask_for(self, slide_id: str) -> Path | None:
+        if self.tissue_mask is None or self.tissue_mask.is_file():
+            return self.tissue_mask
+        for ext in (".geojson", ".json", ".png"):
+            p = self.tissue_mask / f"{slide_id}{ext}"
+            if p.is_file():
+                return p
+        raise SlideError(f"no tissue mask for {slide_id} in {self.tissue_mask} "
+                         "(expected <slide_id>.geojson or .png)")
+
+
+def existing_output_status(path: Path, schema: str, expect: dict, overwrite: bool,
+                           slide_id: str) -> str | None:
+    """"skipped" when a finished output made with the same settings exists; None when the
+    slide must be (re)done; raises SlideError when an output made otherwise would be lost."""
+    if overwrite:
+        return None
+    why = h5io.check_output(path, schema, expect)
+    if why is None:
+        return "skipped"
+    if why.startswith("made with"):
+        raise SlideError(f"{path} exists but was {why}; pass --overwrite to redo it or choose "
+                         "another --out")
+    if why != "missing":
+        log.warning("%s: existing %s is not usable (%s); redoing it", slide_id, path.name, why)
+    return None
+
+
+def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
+    """Tile one slide into cfg.out; every error becomes a failed report row."""
+    t0 = time.perf_counter()
+    try:
+        status = existing_output_status(coords_path(cfg.out, job.slide_id), h5io.COORDS_SCHEMA,
+                                        cfg.params.root_attrs(), cfg.overwrite, job.slide_id)
+        if status:
+            return report_row(job, status, t0)
+        with open_slide(job.path) as slide:
+            resolve_mpp(slide, job, cfg.slide_mpp)
+            res = tile_open_slide(slide, job.slide_id, cfg.params, cfg.mask_for(job.slide_id))
+            write_tile_outputs(cfg.out, job.slide_id, slide, res, cfg.params)
+        warning = res.mask.warning
+        if len(res.coords) == 0:
+            warning = (warning + "; " if warning else "") + "no tissue patches: empty coords file"
+        return report_row(job, "ok", t0, n_patches=len(res.coords),
+                          tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
+                          level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
+                          warning=warning)
+    except (SlideError, OSError, ValueError) as e:
+        return report_row(job, "failed", t0, error=_one_line(e))
+    except Exception as e:  # a batch must outlive any single slide's surprise
+        log.debug("unexpected error on %s", job.slide_id, exc_info=True)
+        return report_row(job, "failed", t0, error=f"{type(e).__name__}: {_one_line(e)}")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
