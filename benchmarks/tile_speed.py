@@ -18,39 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-
-from wsi_embed.synthetic import BACKGROUND, EOSIN, NUCLEUS, write_slide
-
-
-def make_slide(path: Path, width: int, height: int, mpp: float = 0.25) -> None:
-    """Blobs of tissue drawn on a coarse label map, upsampled per tile with texture."""
-    scale = 64
-    lw, lh = -(-width // scale), -(-height // scale)
-    labels = np.zeros((lh, lw), np.uint8)
-    rng = np.random.default_rng(0)
-    for _ in range(6):
-        c = (int(rng.integers(lw // 8, 7 * lw // 8)), int(rng.integers(lh // 8, 7 * lh // 8)))
-        axes = (int(rng.integers(lw // 12, lw // 5)), int(rng.integers(lh // 12, lh // 5)))
-        cv2.ellipse(labels, c, axes, float(rng.integers(180)), 0, 360, 1, -1)
-    bg = np.full((256 * 4, 256 * 4, 3), BACKGROUND, np.uint8)
-    bg = cv2.subtract(cv2.add(bg, rng.integers(0, 9, bg.shape, dtype=np.uint8)), 4)
-    tissue = np.full_like(bg, EOSIN)
-    for _ in range(3000):
-        cv2.circle(tissue, (int(rng.integers(1024)), int(rng.integers(1024))), 5, NUCLEUS, -1)
-
-    def tile_fn(x: int, y: int, w: int, h: int) -> np.ndarray:
-        lab = labels[y // scale : -(-(y + h) // scale), x // scale : -(-(x + w) // scale)]
-        if not lab.any():
-            return bg[:h, :w] if h <= 1024 and w <= 1024 else np.full((h, w, 3), 242, np.uint8)
-        m = cv2.resize(lab, (lab.shape[1] * scale, lab.shape[0] * scale),
-                       interpolation=cv2.INTER_NEAREST)
-        m = m[y % scale : y % scale + h, x % scale : x % scale + w, None].astype(bool)
-        reps = (-(-h // 1024), -(-w // 1024), 1)
-        return np.where(m, np.tile(tissue, reps)[:h, :w], np.tile(bg, reps)[:h, :w])
-
-    write_slide(path, width, height, mpp, tile_fn, downsamples=(1, 4, 16, 64), quality=80)
+from wsi_embed.synthetic import blob_slide
 
 
 def main() -> None:
@@ -62,7 +30,7 @@ def main() -> None:
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_only:
-        make_slide(args.slide, args.width, args.height)
+        blob_slide(args.slide, args.width, args.height)
         return
     work = Path(tempfile.mkdtemp(prefix="wsi-embed-bench-"))
     slide = args.slide or work / "big.svs"

@@ -146,8 +146,10 @@ class Report:
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
-        os.replace(self.tmp, self.path)
+        """Rename the finished report into place (once; later calls do nothing)."""
+        if not self._fh.closed:
+            self._fh.close()
+            os.replace(self.tmp, self.path)
 
 
 def _progress(total: int, desc: str):

@@ -95,6 +95,28 @@ def _jobs(slides, slide_list, recursive, ext, shard):
         raise _usage_error(str(e)) from None
 
 
+def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size, overlap,
+                 min_tissue, tissue: str, tissue_mask: Path | None):
+    """Validate the tiling options shared by `tile` and `extract`, and the output folder."""
+    from .batch import UsageError, check_writable
+    from .tiling import TileParams
+
+    if tissue not in ("auto", "none"):
+        raise _usage_error("--tissue must be auto or none")
+    if tissue_mask is not None and not tissue_mask.exists():
+        raise _usage_error(f"--tissue-mask {tissue_mask} does not exist")
+    if tissue_mask is not None and tissue_mask.is_file() and n_slides > 1:
+        raise _usage_error("--tissue-mask is one file but there are several slides; give a "
+                           "folder of <slide_id>.geojson/.png masks")
+    try:
+        params = TileParams(_target_mpp(target_mpp, magnification), patch_size, overlap,
+                            min_tissue, "mask" if tissue_mask else tissue)
+        check_writable(out)
+    except (ValueError, UsageError) as e:
+        raise _usage_error(str(e)) from None
+    return params
+
+
 def _finish(counts: dict[str, int], report_path: Path) -> None:
     total = sum(counts.values())
     msg = (f"{total} slides: {counts['ok']} done, {counts['skipped']} already done, "
@@ -114,25 +136,14 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
          overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
          log_level: str = LOG_LEVEL) -> None:
     """Find tissue and lay a grid of patches at a physical resolution."""
-    from .batch import Report, UsageError, check_writable, run_batch
+    from .batch import Report, run_batch
     from .h5io import remove_stale_tmp
-    from .tiling import TileConfig, TileParams, run_tile_job
+    from .tiling import TileConfig, run_tile_job
 
     _setup_logging(log_level)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
-    if tissue not in ("auto", "none"):
-        raise _usage_error("--tissue must be auto or none")
-    if tissue_mask is not None and not tissue_mask.exists():
-        raise _usage_error(f"--tissue-mask {tissue_mask} does not exist")
-    if tissue_mask is not None and tissue_mask.is_file() and len(jobs) > 1:
-        raise _usage_error("--tissue-mask is one file but there are several slides; give a "
-                           "folder of <slide_id>.geojson/.png masks")
-    try:
-        params = TileParams(_target_mpp(target_mpp, magnification), patch_size, overlap,
-                            min_tissue, "mask" if tissue_mask else tissue)
-        check_writable(out)
-    except (ValueError, UsageError) as e:
-        raise _usage_error(str(e)) from None
+    params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
+                          min_tissue, tissue, tissue_mask)
     for sub in ("coords", "thumbnails"):
         remove_stale_tmp(out / sub)
     cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite)
@@ -140,6 +151,79 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
     try:
         counts = run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers,
                            desc="tile")
+    finally:
+        report.close()
+    _finish(counts, report.path)
+
+
+@app.command()
+def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The encoder registry: name, architecture, dim, input size, weights, licence."""
+    from dataclasses import asdict
+
+    from .encoders import registry_table
+
+    rows = registry_table()
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
+        return
+    typer.echo(f"{'name':16} {'architecture':32} {'dim':>5} {'input':>5}  {'weights':58} licence")
+    for r in rows:
+        typer.echo(f"{r.name:16} {r.arch:32} {r.dim:>5} {r.input_size:>5}  {r.weights:58} "
+                   f"{r.licence}")
+
+
+@app.command()
+def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folders."),
+            out: Path = OUT, encoder: str = typer.Option(..., "--encoder",
+                                                         help="Preset name (see `encoders`)."),
+            weights: str = typer.Option(None, "--weights",
+                                        help="PATH to a checkpoint, or 'random' (tests only)."),
+            coords: Path = typer.Option(None, "--coords",
+                                        help="Folder of coords files from `tile` (default OUT)."),
+            device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+            batch_size: int = typer.Option(None, "--batch-size", help="Default: by device."),
+            precision: str = typer.Option(None, "--precision",
+                                          help="bf16, fp16 or fp32 (CUDA; CPU is fp32)."),
+            dtype: str = typer.Option("float32", "--dtype", help="Stored: float32 or float16."),
+            compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
+            slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE, ext: str = EXT,
+            target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
+            patch_size: int = PATCH_SIZE, overlap: int = OVERLAP,
+            min_tissue: float = MIN_TISSUE, slide_mpp: float = SLIDE_MPP,
+            tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
+            overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
+            log_level: str = LOG_LEVEL) -> None:
+    """Per-patch embeddings with a pathology encoder (tiles slides that have no coords)."""
+    from .batch import Report
+    from .encoders import EncoderError, get_config
+    from .extract import DTYPES, EXTRACT_COLUMNS, PRECISIONS, ExtractConfig, run_extract
+    from .h5io import remove_stale_tmp
+    from .tiling import TileConfig
+
+    _setup_logging(log_level)
+    try:
+        get_config(encoder)
+    except EncoderError as e:
+        raise _usage_error(str(e)) from None
+    if precision is not None and precision not in PRECISIONS:
+        raise _usage_error(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if dtype not in DTYPES:
+        raise _usage_error(f"--dtype must be one of {', '.join(DTYPES)}")
+    jobs = _jobs(slides, slide_list, recursive, ext, shard)
+    params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
+                          min_tissue, tissue, tissue_mask)
+    tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
+    cfg = ExtractConfig(out, encoder, weights, device, batch_size, num_workers, precision,
+                        dtype, compile, overwrite)
+    remove_stale_tmp(out / "features" / encoder)
+    remove_stale_tmp(out / "coords")
+    report = Report(out / f"extract_report_{encoder}.csv", EXTRACT_COLUMNS)
+    try:
+        counts = run_extract(jobs, cfg, tile_cfg, coords, report)
+    except EncoderError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
     finally:
         report.close()
     _finish(counts, report.path)

@@ -59,51 +59,74 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class AtomicH5:
+    """An HDF5 file under a temporary name until `commit()` renames it into place;
+    `abort()` (or an exception in a `with` block) deletes it."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp_path(final)
+        self.f = h5py.File(self.tmp, "w")
+
+    def commit(self) -> None:
+        self.f.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_h5(final: Path) -> Iterator[h5py.File]:
     """Open a temporary HDF5 file; on clean exit flush, fsync and rename it to `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(final)
+    a = AtomicH5(final)
     try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        yield a.f
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        a.abort()
         raise
+    a.commit()
 
 
 def chunk_rows(row_bytes: int, n: int) -> int:
     return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
 
 
+def now_attrs() -> dict:
+    return {"wsi_embed_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def slide_provenance(slide_path: Path) -> dict:
     st = slide_path.stat()
-    return {
-        "slide_path": str(slide_path.resolve()),
-        "slide_size_bytes": int(st.st_size),
-        "slide_mtime": float(st.st_mtime),
-        "wsi_embed_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"slide_path": str(slide_path.resolve()), "slide_size_bytes": int(st.st_size),
+            "slide_mtime": float(st.st_mtime), **now_attrs()}
+
+
+def set_attrs(obj, attrs: dict) -> None:
+    """h5py cannot store None: such attributes are left out."""
+    for k, v in attrs.items():
+        if v is not None:
+            obj.attrs[k] = v
 
 
 def write_coords_dataset(f: h5py.File, coords: np.ndarray, attrs: dict) -> None:
     n = len(coords)
     ds = f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(n, 2),
                           chunks=(chunk_rows(16, n), 2) if n else None, maxshape=(n, 2))
-    for k, v in attrs.items():
-        ds.attrs[k] = v
+    set_attrs(ds, attrs)
 
 
 def write_coords_file(final: Path, coords: np.ndarray, tissue_fraction: np.ndarray,
                       coords_attrs: dict, root_attrs: dict) -> None:
     with atomic_h5(final) as f:
         f.attrs["schema"] = COORDS_SCHEMA
-        for k, v in root_attrs.items():
-            f.attrs[k] = v
+        set_attrs(f, root_attrs)
         write_coords_dataset(f, coords, coords_attrs)
         f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
 

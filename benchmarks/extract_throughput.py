@@ -1,0 +1,117 @@
+"""End-to-end extraction throughput next to the encoder-only ceiling, in one run (not a test).
+
+1. makes (or takes) a synthetic SVS and tiles it with `--tissue none` (every grid patch);
+2. runs the real `wsi-embed extract` CLI in a child process (random weights) and reads
+   patches/s of the slide from its report, plus the child's peak RSS;
+3. in this process, measures the ceiling: the same preset, batch size and precision on
+   random tensors already on the device (no reading, no copies);
+4. prints end-to-end patches/s, the ceiling and their ratio. With `--small-too`, also the peak
+   RSS of a slide 1/25 the size, to show that host memory does not grow with the slide.
+
+    python benchmarks/extract_throughput.py --encoder uni_v1 --num-workers 16      # on a GPU
+    python benchmarks/extract_throughput.py --encoder kaiko_vits16 --side 8192 \\
+        --num-workers 2 --batch-size 32                                           # on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wsi_embed.encoders import build_encoder
+from wsi_embed.extract import PRECISIONS, default_batch_size, pick_device
+
+
+def make_slide(path: Path, side: int) -> Path:
+    """In a child process: a forked child inherits its parent's RSS high-water mark, so
+    building the slide here would inflate the peak RSS measured for `extract`."""
+    code = ("import sys; from pathlib import Path; from wsi_embed.synthetic import blob_slide; "
+            "blob_slide(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[2]), mpp=0.5)")
+    subprocess.run([sys.executable, "-c", code, str(path), str(side)], check=True)
+    return path
+
+
+def run_extract(slide: Path, out: Path, args) -> tuple[float, int, float]:
+    """(patches/s of the slide, patches, peak RSS MB) from a child `wsi-embed extract`."""
+    base = [sys.executable, "-m", "wsi_embed.cli"]
+    subprocess.run(base + ["tile", str(slide), "--out", str(out), "--tissue", "none",
+                           "--num-workers", "0", "--log-level", "WARNING"], check=True)
+    cmd = base + ["extract", str(slide), "--out", str(out), "--encoder", args.encoder,
+                  "--weights", "random", "--num-workers", str(args.num_workers),
+                  "--device", args.device, "--log-level", "WARNING"]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.precision:
+        cmd += ["--precision", args.precision]
+    if args.compile:
+        cmd += ["--compile"]
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"extract failed with status {status}")
+    with open(out / f"extract_report_{args.encoder}.csv") as fh:
+        row = next(csv.DictReader(fh))
+    return float(row["patches_per_s"]), int(row["n_patches"]), usage.ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def ceiling(args, seconds: float = 10.0) -> tuple[float, int, str]:
+    device = pick_device(args.device)
+    model, cfg = build_encoder(args.encoder, "cpu")
+    precision = "fp32" if device.type == "cpu" else (args.precision or cfg.precision)
+    batch = args.batch_size or default_batch_size(cfg, device)
+    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    if args.compile:
+        model = torch.compile(model)
+    x = torch.randn(batch, 3, cfg.input_size, cfg.input_size, device=device,
+                    dtype=PRECISIONS[precision]).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        model(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model(x)
+        n += batch
+    sync()
+    return n / (time.perf_counter() - t0), batch, precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", default="kaiko_vitb16")
+    ap.add_argument("--slide", type=Path)
+    ap.add_argument("--side", type=int, default=36_864,
+                    help="square slide side in px at 0.5 µm/px (36,864 → 20,736 patches)")
+    ap.add_argument("--num-workers", type=int, default=os.cpu_count())
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--precision")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--small-too", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="wsi-embed-extract-bench-"))
+    slide = args.slide or make_slide(work / "big.svs", args.side)
+    e2e, n, rss = run_extract(slide, work / "out", args)
+    line = f"{args.encoder}: {n} patches, end-to-end {e2e:.1f} patches/s, peak RSS {rss:.0f} MB"
+    if args.small_too:
+        small = make_slide(work / "small.svs", args.side // 5)
+        _, n_small, rss_small = run_extract(small, work / "out_small", args)
+        line += f"; small slide ({n_small} patches) peak RSS {rss_small:.0f} MB"
+    ceil, batch, precision = ceiling(args)
+    print(line)
+    print(f"encoder-only ceiling ({precision}, batch {batch}, {pick_device(args.device)}): "
+          f"{ceil:.1f} patches/s; ratio end-to-end / ceiling = {e2e / ceil:.3f}")
+
+
+if __name__ == "__main__":
+    main()

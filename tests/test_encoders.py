@@ -1,0 +1,177 @@
+"""The encoder registry: every preset's architecture, weight loading and its errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from wsi_embed.encoders import (
+    PRESETS,
+    EncoderError,
+    build_encoder,
+    load_encoder,
+    resolve_weights,
+)
+
+from .conftest import cli
+
+BIG = {"uni_v1", "uni_v2", "conch_v1_5", "virchow2", "h_optimus_0", "h_optimus_1", "gigapath",
+       "phikon_v2"}
+REQUIRED = {"uni_v1", "uni_v2", "conch_v1", "conch_v1_5", "virchow2", "h_optimus_0",
+            "h_optimus_1", "gigapath", "phikon_v2", "ctranspath", "resnet50_trunc"}
+PUBLISHED_DIM = {"uni_v1": 1024, "uni_v2": 1536, "conch_v1": 512, "conch_v1_5": 768,
+                 "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536, "gigapath": 1536,
+                 "phikon_v2": 1024, "ctranspath": 768, "resnet50_trunc": 1024}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_gives_its_published_dim(name):
+    dev = "meta" if name in BIG else "cpu"
+    model, cfg = build_encoder(name, dev)
+    with torch.inference_mode():
+        y = model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=dev))
+    assert tuple(y.shape) == (2, cfg.dim)
+    if name in PUBLISHED_DIM:
+        assert cfg.dim == PUBLISHED_DIM[name]
+
+
+def test_required_presets_are_registered():
+    assert REQUIRED <= set(PRESETS)
+
+
+def test_tensor_shapes_that_decide_a_strict_load():
+    sd = build_encoder("uni_v2", "meta")[0].state_dict()
+    assert sd["trunk.pos_embed"].shape == (1, 256, 1536)
+    assert sd["trunk.reg_token"].shape == (1, 8, 1536)
+    assert sd["trunk.blocks.0.mlp.fc1.weight"].shape == (8192, 1536)
+    assert sd["trunk.blocks.0.mlp.fc2.weight"].shape == (1536, 4096)
+    v2, _ = build_encoder("virchow2", "meta")
+    assert v2.state_dict()["trunk.pos_embed"].shape == (1, 261, 1280)
+    assert v2.state_dict()["trunk.blocks.0.mlp.fc1.weight"].shape == (6832, 1280)
+    assert v2.num_prefix == 5
+    assert isinstance(v2.trunk.blocks[0].mlp.act, nn.SiLU)  # not GELU (ENCODERS.md §1.6)
+    g = build_encoder("gigapath", "meta")[0].state_dict()
+    assert g["trunk.pos_embed"].shape == (1, 197, 1536)
+    assert g["trunk.patch_embed.proj.weight"].shape == (1536, 3, 16, 16)
+    h = build_encoder("h_optimus_0", "meta")[0].state_dict()
+    assert h["trunk.pos_embed"].shape == (1, 256, 1536)
+    c = build_encoder("conch_v1_5", "meta")[0].state_dict()
+    assert c["trunk.pos_embed"].shape == (1, 785, 1024)
+    assert c["head.to_kv.weight"].shape == (1536, 1024)
+
+
+def _perturbed(name):
+    """A preset with non-default weights, so a reload that silently kept the random init
+    would be caught."""
+    model, cfg = build_encoder(name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model, cfg
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "official"])
+def test_saved_state_dict_reloads_strictly_with_identical_features(tmp_path, fmt):
+    model, cfg = _perturbed("kaiko_vits16")
+    sd = model.state_dict()
+    path = tmp_path / f"w.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    elif fmt == "official":  # plain timm layout inside a training checkpoint wrapper
+        torch.save({"state_dict": {"module." + k[len("trunk."):]: v for k, v in sd.items()}},
+                   path)
+    else:
+        torch.save(sd, path)
+    loaded, _, ident = load_encoder("kaiko_vits16", str(path))
+    x = torch.rand(3, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+        assert not torch.allclose(loaded(x), build_encoder("kaiko_vits16")[0](x))
+    assert ident.startswith("sha256:") and len(ident) == 7 + 64
+
+
+def test_conch_v1_official_layout_loads_and_drops_text_tower(tmp_path):
+    model, _ = _perturbed("conch_v1")
+    sd = model.state_dict()
+    official = {"visual.trunk." + k[6:]: v for k, v in sd.items() if k.startswith("trunk.")}
+    official.update({"visual.attn_pool_contrast." + k[5:]: v for k, v in sd.items()
+                     if k.startswith("head.") and not k.startswith("head.ln_out")})
+    official.update({"visual.ln_contrast." + k[12:]: v for k, v in sd.items()
+                     if k.startswith("head.ln_out.")})
+    official["text.token_embedding.weight"] = torch.zeros(4, 4)
+    official["visual.proj_contrast"] = torch.zeros(512, 512)
+    official["logit_scale"] = torch.zeros(())
+    torch.save(official, tmp_path / "conch.bin")
+    loaded, _, _ = load_encoder("conch_v1", str(tmp_path / "conch.bin"))
+    x = torch.rand(1, 3, 448, 448)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_with_wrong_keys_lists_them(tmp_path):
+    sd = build_encoder("kaiko_vits16")[0].state_dict()
+    sd.pop("trunk.norm.weight")
+    sd["trunk.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(EncoderError) as e:
+        load_encoder("kaiko_vits16", str(tmp_path / "bad.pth"))
+    assert "trunk.norm.weight" in str(e.value) and "trunk.extra.weight" in str(e.value)
+    other = build_encoder("resnet50_trunc")[0].state_dict()
+    torch.save(other, tmp_path / "resnet.pth")
+    r = cli("extract", "x.svs", "--out", tmp_path / "o", "--encoder", "kaiko_vits16",
+            "--weights", tmp_path / "resnet.pth")
+    assert r.exit_code == 2  # x.svs does not exist: a usage error before loading
+    slide = tmp_path / "s.svs"
+    from .conftest import small_slide
+
+    small_slide(slide, 512, 512)
+    r = cli("extract", slide, "--out", tmp_path / "o", "--encoder", "kaiko_vits16",
+            "--weights", tmp_path / "resnet.pth", "--num-workers", "0")
+    assert r.exit_code == 2 and "missing keys" in r.output and "unexpected keys" in r.output
+
+
+def test_unknown_encoder_lists_valid_names(tmp_path):
+    r = cli("extract", "a.svs", "--out", tmp_path, "--encoder", "uni_v3")
+    assert r.exit_code == 2
+    assert "uni_v3" in r.output and "uni_v1" in r.output and "gigapath" in r.output
+
+
+def test_weights_folder_then_hub_then_a_clear_error(tmp_path, monkeypatch):
+    model, _ = _perturbed("kaiko_vits16")
+    (tmp_path / "kaiko_vits16").mkdir()
+    torch.save(model.state_dict(), tmp_path / "kaiko_vits16" / "model.pth")
+    res = resolve_weights("kaiko_vits16", None, {"WSI_EMBED_WEIGHTS": str(tmp_path)})
+    assert res.path == tmp_path / "kaiko_vits16" / "model.pth"
+
+    import huggingface_hub
+
+    def offline(repo, filename, **kw):  # no hub here: mock only the download
+        raise OSError(f"cannot reach the hub for {repo}/{filename}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(EncoderError) as e:
+        resolve_weights("uni_v1", None, {})
+    msg = str(e.value)
+    for part in ("MahmoodLab/UNI", "gated", "HF_TOKEN", "--weights", "WSI_EMBED_WEIGHTS",
+                 "pytorch_model.bin"):
+        assert part in msg
+
+    def fake_download(repo, filename, **kw):
+        p = tmp_path / "hub" / filename
+        p.parent.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), p)
+        return str(p)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    res = resolve_weights("kaiko_vits16", None, {})
+    assert res.source.startswith("hf:1aurent/") and res.ident.startswith("sha256:")
+
+
+def test_encoders_command_lists_the_registry():
+    r = cli("encoders")
+    assert r.exit_code == 0
+    for name in REQUIRED:
+        assert name in r.output
+    assert "CC-BY-NC-ND-4.0" in r.output and "GPL-3.0" in r.output

@@ -1,0 +1,150 @@
+"""`wsi-embed extract`: the pipeline's correctness on CPU (the same code runs on CUDA)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from torch import nn
+
+from wsi_embed.encoders import PRESETS, EncoderConfig
+from wsi_embed.h5io import FEATURES_SCHEMA, check_output
+from wsi_embed.slides import open_slide
+
+from .conftest import CMU, NDPI, cli, copy, small_slide
+
+
+class ChannelMean(nn.Module):
+    """A test encoder whose output is a known function of the pixels: per-channel means."""
+
+    def forward(self, x):
+        return x.float().mean(dim=(2, 3))
+
+
+def channel_mean(**_):
+    return ChannelMean()
+
+
+@pytest.fixture
+def means_encoder(monkeypatch):
+    cfg = EncoderConfig(channel_mean, {}, "identity", 3, mean_std=((0, 0, 0), (1, 1, 1)),
+                        precision="fp32")
+    monkeypatch.setitem(PRESETS, "test_means", cfg)
+    return "test_means"
+
+
+def feats(out, enc, slide_id):
+    with h5py.File(out / "features" / enc / f"{slide_id}.h5") as f:
+        return f["features"][:], f["coords"][:], dict(f.attrs), dict(f["coords"].attrs)
+
+
+def report(out, enc):
+    with open(out / f"extract_report_{enc}.csv") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def test_row_i_of_features_belongs_to_row_i_of_coords(tmp_path, means_encoder):
+    folder = tmp_path / "in"
+    copy(CMU, folder / "cmu.svs")
+    copy(NDPI, folder / "ndpi.ndpi")  # read at level 1 and resized: the non-native path
+    r = cli("extract", folder, "--out", tmp_path / "o", "--encoder", means_encoder,
+            "--weights", "random", "--tissue", "none", "--batch-size", "8",
+            "--num-workers", "2")
+    assert r.exit_code == 0, r.output
+    for sid in ("cmu", "ndpi"):
+        f, coords, attrs, cattrs = feats(tmp_path / "o", means_encoder, sid)
+        assert len(f) == len(coords) > 50
+        lvl, read = int(cattrs["patch_level"]), int(cattrs["read_size"])
+        with open_slide(folder / (sid + (".svs" if sid == "cmu" else ".ndpi"))) as s:
+            ref = np.stack([s.read_region(x, y, lvl, read, read).reshape(-1, 3).mean(0) / 255
+                            for x, y in coords])
+        assert np.abs(f - ref).max() < 0.01, sid
+        assert ref.std(0).max() > 0.03  # the patches differ, so a row swap would show
+        assert attrs["weights"] == "random" and attrs["schema"] == FEATURES_SCHEMA
+
+
+def test_features_do_not_depend_on_batch_size_or_worker_count(tmp_path):
+    outs = []
+    for i, (batch, workers) in enumerate([(4, 0), (32, 2)]):
+        out = tmp_path / f"o{i}"
+        r = cli("extract", CMU, "--out", out, "--encoder", "kaiko_vits16", "--weights",
+                "random", "--batch-size", str(batch), "--num-workers", str(workers))
+        assert r.exit_code == 0, r.output
+        outs.append(feats(out, "kaiko_vits16", "CMU-1-Small-Region"))
+    (fa, ca, _, _), (fb, cb, _, _) = outs
+    assert np.array_equal(ca, cb)
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-5)
+
+
+def test_real_architecture_on_the_sample_slide(tmp_path):
+    r = cli("extract", CMU, "--out", tmp_path, "--encoder", "ctranspath", "--weights",
+            "random", "--dtype", "float16", "--num-workers", "0")
+    assert r.exit_code == 0, r.output
+    f, coords, attrs, _ = feats(tmp_path, "ctranspath", "CMU-1-Small-Region")
+    assert f.dtype == np.float16 and f.shape == (len(coords), 768) and len(coords) > 20
+    assert np.isfinite(f).all() and f.std() > 0
+    assert attrs["encoder"] == "ctranspath" and attrs["embed_dim"] == 768
+    assert (tmp_path / "coords" / "CMU-1-Small-Region.h5").exists()  # tiled on the fly
+    row = report(tmp_path, "ctranspath")["CMU-1-Small-Region"]
+    assert row["status"] == "ok" and float(row["patches_per_s"]) > 0
+
+
+def test_bad_and_empty_slides_do_not_stop_the_batch(tmp_path, means_encoder):
+    folder = tmp_path / "in"
+    copy(CMU, folder / "good.svs")
+    (folder / "bad.svs").write_text("not a slide")
+    from wsi_embed.synthetic import write_slide
+
+    write_slide(folder / "blank.svs", 1024, 1024, 0.5,
+                lambda x, y, w, h: np.full((h, w, 3), 243, np.uint8))
+    r = cli("extract", folder, "--out", tmp_path / "o", "--encoder", means_encoder,
+            "--weights", "random", "--num-workers", "0")
+    assert r.exit_code == 1
+    rep = report(tmp_path / "o", means_encoder)
+    assert rep["good"]["status"] == "ok" and rep["blank"]["status"] == "ok"
+    assert rep["bad"]["status"] == "failed" and rep["bad"]["error"].startswith("tiling:")
+    f, coords, _, _ = feats(tmp_path / "o", means_encoder, "blank")
+    assert f.shape == (0, 3) and coords.shape == (0, 2)
+    # resume: nothing redone; other weights would be refused, --overwrite redoes
+    r = cli("extract", folder / "good.svs", "--out", tmp_path / "o", "--encoder",
+            means_encoder, "--weights", "random", "--num-workers", "0")
+    assert r.exit_code == 0 and report(tmp_path / "o", means_encoder)["good"]["status"] == \
+        "skipped"
+
+
+def test_sigkill_mid_extract_then_resume(tmp_path):
+    folder = tmp_path / "in"
+    for i in range(5):
+        small_slide(folder / f"k{i}.svs", 1536, 1536, seed=i)
+    out = tmp_path / "o"
+    assert cli("tile", folder, "--out", out, "--tissue", "none",
+               "--num-workers", "0").exit_code == 0
+    cmd = [sys.executable, "-m", "wsi_embed.cli", "extract", str(folder), "--out", str(out),
+           "--encoder", "kaiko_vits16", "--weights", "random", "--num-workers", "0",
+           "--batch-size", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fdir = out / "features" / "kaiko_vits16"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(fdir.glob("k*.h5")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # now mid-way through a later slide
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(fdir.glob("k*.h5"))
+    assert 1 <= len(done) < 5
+    for p in done:
+        assert check_output(p, FEATURES_SCHEMA) is None
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = report(out, "kaiko_vits16")
+    assert sum(v["status"] == "skipped" for v in rep.values()) == len(done)
+    for i in range(5):
+        assert check_output(fdir / f"k{i}.h5", FEATURES_SCHEMA) is None
+        with h5py.File(fdir / f"k{i}.h5") as f:
+            assert f["features"].shape == (36, 384) and np.isfinite(f["features"][:]).all()
+    assert not list(fdir.glob(".*"))

@@ -1,0 +1,445 @@
+"""Patch-encoder registry: presets are data (one table), built by one builder with timm.
+
+Facts per model (architecture keywords, output, preprocessing, hub ids, licences) come from
+`shared/ENCODERS.md`. Every preset is an `Encoder`: a timm trunk plus a pooling head, whose
+state dict is `trunk.*` / `head.*`. Official checkpoints are mapped onto that layout by the
+preset's `remap` before a strict load, so a wrong or partial checkpoint fails loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class EncoderError(Exception):
+    """Unknown preset, unusable weights, or weights that cannot be found."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One preset. `arch` is a timm architecture name (or a callable for test encoders)."""
+
+    arch: str | Callable[..., nn.Module]
+    kwargs: dict
+    pool: str  # token | cls_mean | avg | conch_v1 | conch_v1_5 | identity
+    dim: int
+    input_size: int = 224
+    resize: int = 224  # resize the patch to this, then centre-crop to input_size
+    interpolation: str = "bilinear"
+    mean_std: tuple = IMAGENET
+    precision: str = "bf16"  # on CUDA; CPU always runs fp32
+    hf_repo: str = ""
+    hf_file: str = "pytorch_model.bin"
+    remap: str = "timm"  # how an official checkpoint maps onto trunk./head.
+    licence: str = ""
+    gated: bool = False
+    target_mpp: float = 0.5
+    note: str = ""
+
+    @property
+    def arch_name(self) -> str:
+        return self.arch if isinstance(self.arch, str) else getattr(self.arch, "__name__", "?")
+
+
+def _swiglu() -> dict:
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+_VIT_L = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
+          "dynamic_img_size": True}
+
+#: The registry. Keys are preset names as used by `--encoder`.
+PRESETS: dict[str, EncoderConfig] = {
+    "uni_v1": EncoderConfig(
+        "vit_large_patch16_224", _VIT_L, "token", 1024, hf_repo="MahmoodLab/UNI",
+        licence="CC-BY-NC-ND-4.0", gated=True),
+    "uni_v2": EncoderConfig(
+        "vit_giant_patch14_224",
+        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "embed_dim": 1536,
+         "mlp_ratio": 2.66667 * 2, "init_values": 1e-5, "no_embed_class": True,
+         "reg_tokens": 8, "num_classes": 0, "dynamic_img_size": True, "swiglu": True},
+        "token", 1536, hf_repo="MahmoodLab/UNI2-h", licence="CC-BY-NC-ND-4.0", gated=True),
+    "conch_v1": EncoderConfig(
+        "vit_base_patch16_224", {"img_size": 448, "num_classes": 0, "dynamic_img_size": True,
+                                 "global_pool": ""},
+        "conch_v1", 512, input_size=448, resize=448, interpolation="bicubic", mean_std=CLIP,
+        precision="fp32", hf_repo="MahmoodLab/CONCH", remap="conch_v1",
+        licence="CC-BY-NC-ND-4.0", gated=True, note="image tower: attention-pooled, no proj"),
+    "conch_v1_5": EncoderConfig(
+        "vit_large_patch16_224", {"img_size": 448, "init_values": 1.0, "num_classes": 0,
+                                  "dynamic_img_size": True, "global_pool": ""},
+        "conch_v1_5", 768, input_size=448, resize=448, hf_repo="MahmoodLab/conchv1_5",
+        hf_file="pytorch_model_vision.bin", remap="conch_v1_5", licence="CC-BY-NC-ND-4.0",
+        gated=True),
+    "virchow2": EncoderConfig(
+        "vit_huge_patch14_224",
+        {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
+         "num_classes": 0, "reg_tokens": 4, "dynamic_img_size": True, "swiglu": True},
+        "cls_mean", 2560, interpolation="bicubic", hf_repo="paige-ai/Virchow2",
+        licence="CC-BY-NC-ND-4.0", gated=True, note="CLS ⊕ mean of patch tokens"),
+    "h_optimus_0": EncoderConfig(
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
+         "dynamic_img_size": False},
+        "token", 1536, mean_std=HOPTIMUS, hf_repo="bioptimus/H-optimus-0",
+        licence="Apache-2.0"),
+    "h_optimus_1": EncoderConfig(
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
+         "dynamic_img_size": False},
+        "token", 1536, mean_std=HOPTIMUS, hf_repo="bioptimus/H-optimus-1",
+        licence="CC-BY-NC-ND-4.0", gated=True),
+    "gigapath": EncoderConfig(
+        "vit_giant_patch14_dinov2",
+        {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+         "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0},
+        "token", 1536, resize=256, interpolation="bicubic",
+        hf_repo="prov-gigapath/prov-gigapath", licence="prov-gigapath licence (see HF page)",
+        gated=True, note="Resize 256 + CenterCrop 224"),
+    "phikon_v2": EncoderConfig(
+        "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0},
+        "token", 1024, precision="fp32", hf_repo="owkin/phikon-v2", hf_file="model.safetensors",
+        remap="hf_dinov2", licence="Owkin non-commercial"),
+    "ctranspath": EncoderConfig(
+        "swin_tiny_patch4_window7_224", {"num_classes": 0, "convstem": True}, "avg", 768,
+        precision="fp32", hf_repo="1aurent/swin_tiny_patch4_window7_224.CTransPath",
+        hf_file="model.safetensors", remap="ctranspath", licence="GPL-3.0", target_mpp=1.0,
+        note="Swin-T with ConvStem; authors recommend 1.0 µm/px"),
+    "resnet50_trunc": EncoderConfig(
+        "resnet50", {"num_classes": 0}, "avg", 1024, precision="fp32",
+        hf_repo="timm/resnet50.tv_in1k", hf_file="model.safetensors", remap="resnet_trunc",
+        licence="BSD-3-Clause", note="ImageNet ResNet-50 cut after layer3 (CLAM baseline)"),
+    "kaiko_vits16": EncoderConfig(
+        "vit_small_patch16_224", {"img_size": 224, "num_classes": 0}, "token", 384,
+        mean_std=HALF, precision="fp32",
+        hf_repo="1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
+        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
+    "kaiko_vitb16": EncoderConfig(
+        "vit_base_patch16_224", {"img_size": 224, "num_classes": 0}, "token", 768,
+        mean_std=HALF, precision="fp32",
+        hf_repo="1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms",
+        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
+}
+
+
+def get_config(name: str) -> EncoderConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise EncoderError(f"unknown encoder {name!r}; valid: {', '.join(sorted(PRESETS))}") \
+            from None
+
+
+# -- pooling heads and custom stems (the parts that are not stock timm) ----------------------
+class ConchV1Pooler(nn.Module):
+    """CONCH v1 `attn_pool_contrast` + `ln_contrast`: one learned query attends to all tokens."""
+
+    def __init__(self, dim: int = 512, context_dim: int = 768, heads: int = 8):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, dim))
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=context_dim, vdim=context_dim)
+        self.ln_out = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(tokens).permute(1, 0, 2)  # (N, B, D) as nn.MultiheadAttention wants
+        q = self.ln_q(self.query).unsqueeze(1).expand(-1, x.shape[1], -1)
+        out = self.attn(q, x, x, need_weights=False)[0]
+        return self.ln_out(out[0])
+
+
+class ConchV15Pooler(nn.Module):
+    """CONCH v1.5 einops-style attentional pooler (no biases) + `ln_contrast`."""
+
+    def __init__(self, dim: int = 768, context_dim: int = 1024, heads: int = 8):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(1, dim))
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, dim * 2, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.ln_out = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, _ = tokens.shape
+        h = self.heads
+        q = self.to_q(self.ln_q(self.query)).expand(b, -1, -1)
+        k, v = self.to_kv(self.ln_k(tokens)).chunk(2, dim=-1)
+        q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out = self.to_out(out.transpose(1, 2).reshape(b, 1, -1))
+        return self.ln_out(out[:, 0])
+
+
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding: two stride-2 3x3 convs + 1x1, LayerNorm, NHWC output."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=96, norm_layer=None,
+                 **_: object):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers, c = [], in_chans
+        for out in (embed_dim // 8, embed_dim // 4):
+            layers += [nn.Conv2d(c, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            c = out
+        layers.append(nn.Conv2d(c, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class Encoder(nn.Module):
+    """trunk (timm) + head (pooling): uint8-free, takes normalised (B, 3, S, S) input."""
+
+    def __init__(self, trunk: nn.Module, pool: str, head: nn.Module | None = None):
+        super().__init__()
+        self.trunk, self.pool = trunk, pool
+        self.head = head if head is not None else nn.Identity()
+        self.num_prefix = getattr(trunk, "num_prefix_tokens", 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool in ("token", "avg", "identity"):
+            return self.trunk(x)
+        tokens = self.trunk.forward_features(x)
+        if self.pool == "cls_mean":
+            return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=-1)
+        return self.head(tokens)
+
+
+def build_encoder(name: str, device: str | torch.device = "cpu") -> tuple[Encoder, EncoderConfig]:
+    """The preset's architecture, untrained (seeded, so every process builds the same one)."""
+    import timm
+
+    cfg = get_config(name)
+    kw = dict(cfg.kwargs)
+    if kw.pop("swiglu", False):
+        kw.update(_swiglu())
+    if kw.pop("convstem", False):
+        kw["embed_layer"] = ConvStem
+    with torch.device(device):
+        torch.manual_seed(0)
+        if callable(cfg.arch):
+            trunk = cfg.arch(**kw)
+        else:
+            trunk = timm.create_model(cfg.arch, pretrained=False, **kw)
+        head = None
+        if cfg.remap == "resnet_trunc":
+            trunk.layer4 = nn.Identity()
+        if cfg.pool == "conch_v1":
+            head = ConchV1Pooler(512, trunk.embed_dim)
+        elif cfg.pool == "conch_v1_5":
+            head = ConchV15Pooler(768, trunk.embed_dim)
+        model = Encoder(trunk, cfg.pool, head)
+    return model.eval(), cfg
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+def _unwrap(sd: dict) -> dict:
+    """Strip the containers and prefixes that training frameworks add."""
+    for key in ("state_dict", "model", "module"):
+        if key in sd and isinstance(sd[key], dict) and not isinstance(sd[key], torch.Tensor):
+            sd = sd[key]
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _prefix(sd: dict, old: str, new: str) -> dict:
+    return {new + k[len(old):]: v for k, v in sd.items() if k.startswith(old)}
+
+
+def _hf_dinov2(sd: dict) -> dict:
+    """HF transformers Dinov2Model keys → timm ViT keys (ENCODERS.md §3.2)."""
+    out: dict[str, torch.Tensor] = {}
+    sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k.startswith("embeddings.mask_token") or k.startswith("pooler"):
+            continue
+        k2 = (k.replace("embeddings.cls_token", "cls_token")
+              .replace("embeddings.position_embeddings", "pos_embed")
+              .replace("embeddings.patch_embeddings.projection", "patch_embed.proj")
+              .replace("encoder.layer.", "blocks.")
+              .replace("layer_scale1.lambda1", "ls1.gamma")
+              .replace("layer_scale2.lambda1", "ls2.gamma")
+              .replace("attention.output.dense", "attn.proj")
+              .replace("mlp.weights_in", "mlp.fc1").replace("mlp.weights_out", "mlp.fc2"))
+        if k2.startswith("layernorm."):
+            k2 = "norm." + k2[len("layernorm."):]
+        if ".attention.attention." in k2:
+            block, rest = k2.split(".attention.attention.")
+            part, kind = rest.split(".")
+            qkv.setdefault(f"{block}.attn.qkv.{kind}", {})[part] = v
+            continue
+        out[k2] = v
+    for k, parts in qkv.items():
+        out[k] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def remap_checkpoint(sd: dict, cfg: EncoderConfig, model: Encoder) -> dict:
+    """An official checkpoint (or one saved from this Encoder) → this Encoder's keys."""
+    sd = _unwrap(sd)
+    if any(k.startswith("trunk.") for k in sd):
+        return sd  # already in our layout (saved from an Encoder)
+    r = cfg.remap
+    if r in ("conch_v1", "conch_v1_5"):  # pooler parameter names match open_clip's
+        pre = "visual." if r == "conch_v1" else ""
+        return {**_prefix(sd, pre + "trunk.", "trunk."),
+                **_prefix(sd, pre + "attn_pool_contrast.", "head."),
+                **_prefix(sd, pre + "ln_contrast.", "head.ln_out.")}
+    if r == "hf_dinov2":
+        sd = _hf_dinov2(sd)
+    elif r == "ctranspath":
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        sd = checkpoint_filter_fn({k: v for k, v in sd.items() if not k.startswith("head")},
+                                  model.trunk)
+    elif r == "resnet_trunc":
+        sd = {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}
+    return {"trunk." + k: v for k, v in sd.items()}
+
+
+def load_state_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EncoderError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
+
+
+def load_weights(model: Encoder, cfg: EncoderConfig, name: str, path: Path) -> None:
+    """Strict load; a mismatch lists the missing and unexpected keys."""
+    sd = remap_checkpoint(load_state_file(path), cfg, model)
+    missing, unexpected = _key_diff(model, sd)
+    if missing or unexpected:
+        raise EncoderError(
+            f"{path} does not fit encoder {name!r} ({cfg.arch_name}): "
+            f"{len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys "
+            f"{_few(unexpected)}. Is it the checkpoint of another model?")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise EncoderError(f"{path} does not fit encoder {name!r}: "
+                           f"{' '.join(str(e).split())[:800]}") from e
+
+
+def _key_diff(model: nn.Module, sd: dict) -> tuple[list[str], list[str]]:
+    want = set(model.state_dict())
+    return sorted(want - set(sd)), sorted(set(sd) - want)
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model_vision.bin",
+                "model.pth", "model.pt")
+
+
+@dataclass
+class ResolvedWeights:
+    path: Path | None  # None: random
+    ident: str  # recorded in the features file: "random" or "sha256:<hex>"
+    source: str = ""
+
+
+def resolve_weights(name: str, weights: str | None,
+                    env: dict[str, str] | None = None) -> ResolvedWeights:
+    """--weights PATH → $WSI_EMBED_WEIGHTS → Hugging Face hub → an error saying what to do."""
+    cfg = get_config(name)
+    env = os.environ if env is None else env
+    if weights == "random":
+        return ResolvedWeights(None, "random", "random (untrained; tests and benchmarks only)")
+    if weights:
+        p = Path(weights)
+        if not p.is_file():
+            raise EncoderError(f"--weights {p}: no such file")
+        return ResolvedWeights(p, "sha256:" + sha256_file(p), str(p))
+    folder = env.get("WSI_EMBED_WEIGHTS")
+    if folder:
+        base = Path(folder)
+        candidates = [base / name / f for f in (cfg.hf_file, *WEIGHT_FILES)]
+        candidates += [base / f"{name}{ext}" for ext in (".safetensors", ".bin", ".pth", ".pt")]
+        for c in candidates:
+            if c.is_file():
+                return ResolvedWeights(c, "sha256:" + sha256_file(c), str(c))
+    if cfg.hf_repo:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            p = Path(hf_hub_download(cfg.hf_repo, cfg.hf_file))
+            return ResolvedWeights(p, "sha256:" + sha256_file(p), f"hf:{cfg.hf_repo}")
+        except Exception as e:  # offline, gated, no token: all end in the same advice
+            reason = " ".join(str(e).split())[:300]
+    else:
+        reason = "no hub repository known for this preset"
+    gate = (f" It is gated: accept its licence on https://huggingface.co/{cfg.hf_repo} and "
+            "log in (HF_TOKEN) first." if cfg.gated else "")
+    raise EncoderError(
+        f"no weights for encoder {name!r}: tried --weights, $WSI_EMBED_WEIGHTS"
+        f"{' (' + folder + ')' if folder else ' (unset)'} and the Hugging Face hub "
+        f"({cfg.hf_repo or '-'}: {reason}).{gate} Download {cfg.hf_file} and pass --weights "
+        f"PATH, or put it at $WSI_EMBED_WEIGHTS/{name}/{cfg.hf_file}. "
+        "(--weights random builds an untrained model, for tests only.)")
+
+
+def load_encoder(name: str, weights: str | None, device: str | torch.device = "cpu",
+                 env: dict[str, str] | None = None) -> tuple[Encoder, EncoderConfig, str]:
+    """Build the preset, load its weights; returns (model on device, config, weights id)."""
+    res = resolve_weights(name, weights, env)
+    model, cfg = build_encoder(name, "cpu")
+    if res.path is not None:
+        load_weights(model, cfg, name, res.path)
+    return model.to(device), cfg, res.ident
+
+
+@dataclass
+class PresetRow:
+    name: str
+    arch: str
+    dim: int
+    input_size: int
+    weights: str
+    licence: str
+    extra: dict = field(default_factory=dict)
+
+
+def registry_table() -> list[PresetRow]:
+    return [PresetRow(n, c.arch_name, c.dim, c.input_size,
+                      f"hf:{c.hf_repo}" + (" (gated)" if c.gated else ""), c.licence)
+            for n, c in sorted(PRESETS.items())]

@@ -1,0 +1,554 @@
+"""Patch embeddings: persistent reader processes → shared-memory slots → device → HDF5.
+
+Shape of the pipeline (one process per device):
+- reader processes (started once for the whole run, each with its own slide handles) read
+  chunks of patches as uint8 into shared-memory slots; chunks of the next slide are queued
+  while the current one finishes, so the device never waits at slide boundaries;
+- the main thread packs chunks into batches in pinned memory, copies them to the device
+  without blocking, resizes and normalises there, and runs the encoder under
+  `inference_mode` in the preset's precision;
+- a writer thread moves features to the host and streams them into each slide's temporary
+  HDF5 file at their row offsets, then renames the finished file into place. Host memory is
+  bounded by the slots and a short queue, whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import h5io
+from .batch import Report
+from .encoders import Encoder, EncoderConfig, load_encoder
+from .slides import Slide, open_slide
+from .tiling import SlideJob, TileConfig, coords_path, report_row, run_tile_job
+
+log = logging.getLogger(__name__)
+
+EXTRACT_COLUMNS = ["slide_id", "path", "status", "n_patches", "seconds", "patches_per_s",
+                   "error", "warning"]
+DTYPES = {"float32": np.float32, "float16": np.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    out: Path
+    encoder: str
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    num_workers: int = 4
+    precision: str | None = None  # None: the preset's on CUDA, fp32 on CPU
+    dtype: str = "float32"
+    compile: bool = False
+    overwrite: bool = False
+    chunk: int = 64  # patches per read task
+
+
+def features_path(out: Path, encoder: str, slide_id: str) -> Path:
+    return out / "features" / encoder / f"{slide_id}.h5"
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_batch_size(cfg: EncoderConfig, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 32
+    big = cfg.dim >= 1536 or cfg.input_size > 224
+    return 128 if big else 512
+
+
+# -- reading patches ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadTask:
+    task_id: int
+    slide_key: int
+    path: str
+    mpp: float
+    level: int
+    read_size: int
+    patch_size: int
+    coords: np.ndarray  # (n, 2) level-0
+    row0: int
+
+
+class PatchReader:
+    """Reads patches at a level and resizes them to patch_size; keeps a few slides open."""
+
+    def __init__(self, max_open: int = 4):
+        self._open: OrderedDict[str, Slide] = OrderedDict()
+        self.max_open = max_open
+
+    def _slide(self, path: str) -> Slide:
+        if path in self._open:
+            self._open.move_to_end(path)
+            return self._open[path]
+        s = open_slide(path)
+        self._open[path] = s
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return s
+
+    def read_into(self, t: ReadTask, out: np.ndarray) -> None:
+        slide = self._slide(t.path)
+        for i, (x, y) in enumerate(t.coords):
+            region = slide.read_region(int(x), int(y), t.level, t.read_size, t.read_size)
+            if t.read_size != t.patch_size:
+                region = cv2.resize(region, (t.patch_size, t.patch_size),
+                                    interpolation=cv2.INTER_AREA)
+            out[i] = region
+
+    def close(self) -> None:
+        for s in self._open.values():
+            s.close()
+        self._open.clear()
+
+
+def _reader_main(task_q, done_q, free_q, slots: torch.Tensor) -> None:
+    """A reader process: take a task, take a free slot, fill it, say which."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    reader = PatchReader()
+    while True:
+        task = task_q.get()
+        if task is None:
+            break
+        slot = free_q.get()
+        try:
+            reader.read_into(task, slots[slot].numpy())
+            done_q.put((task.task_id, slot, None))
+        except Exception as e:
+            free_q.put(slot)
+            done_q.put((task.task_id, None, f"{type(e).__name__}: {' '.join(str(e).split())}"))
+    reader.close()
+
+
+class ReaderPool:
+    """Persistent reader processes sharing a ring of shared-memory slots (or, with
+    num_workers == 0, reads in the calling thread for tests and debugging)."""
+
+    def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int):
+        self.num_workers = num_workers
+        self.slots = torch.empty((n_slots, chunk, patch_size, patch_size, 3), dtype=torch.uint8)
+        self.inline: list[tuple[int, int | None, str | None]] = []
+        self.procs = []
+        if num_workers == 0:
+            self.reader = PatchReader()
+            self.free = list(range(n_slots))
+            return
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.slots.share_memory_()
+        self.task_q, self.done_q, self.free_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        for s in range(n_slots):
+            self.free_q.put(s)
+        for _ in range(num_workers):
+            p = ctx.Process(target=_reader_main, daemon=True,
+                            args=(self.task_q, self.done_q, self.free_q, self.slots))
+            p.start()
+            self.procs.append(p)
+
+    def submit(self, task: ReadTask) -> None:
+        if self.num_workers == 0:
+            slot = self.free.pop()
+            try:
+                self.reader.read_into(task, self.slots[slot].numpy())
+                self.inline.append((task.task_id, slot, None))
+            except Exception as e:
+                self.free.append(slot)
+                self.inline.append((task.task_id, None, f"{type(e).__name__}: {e}"))
+        else:
+            self.task_q.put(task)
+
+    def get(self, timeout: float = 600.0) -> tuple[int, int | None, str | None]:
+        if self.num_workers == 0:
+            return self.inline.pop(0)
+        while True:
+            try:
+                return self.done_q.get(timeout=5.0)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"{len(dead)} reader process(es) died (exit codes "
+                                       f"{[p.exitcode for p in dead]})") from None
+                timeout -= 5.0
+                if timeout <= 0:
+                    raise RuntimeError("reader processes stalled for 10 minutes") from None
+
+    def release(self, slot: int) -> None:
+        if self.num_workers == 0:
+            self.free.append(slot)
+        else:
+            self.free_q.put(slot)
+
+    def close(self) -> None:
+        if self.num_workers == 0:
+            self.reader.close()
+            return
+        for _ in self.procs:
+            self.task_q.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+# -- per-slide state and the writer thread -------------------------------------------------
+@dataclass
+class SlideState:
+    key: int
+    job: SlideJob
+    coords: np.ndarray
+    coords_attrs: dict
+    root_attrs: dict
+    remaining: int
+    t0: float = 0.0
+    writer: h5io.AtomicH5 | None = None
+    failed: str = ""
+    warning: str = ""
+    done: bool = False
+
+
+class FeatureWriter(threading.Thread):
+    """Streams features into each slide's temporary HDF5 and finalises it when complete."""
+
+    def __init__(self, cfg: ExtractConfig, dim: int, attrs: dict, report: Report,
+                 counts: dict[str, int]):
+        super().__init__(daemon=True)
+        self.cfg, self.dim, self.attrs, self.report, self.counts = cfg, dim, attrs, report, counts
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                self._handle(*item)
+            except BaseException as e:  # surfaced to the main thread
+                self.error = e
+                return
+
+    def _handle(self, kind: str, payload, segments) -> None:
+        if kind == "fail":
+            self._fail(payload, segments)
+            return
+        if kind == "empty":
+            self._open(payload)
+            self._finish(payload)
+            return
+        feats = payload.float().cpu().numpy() if isinstance(payload, torch.Tensor) else payload
+        if not np.isfinite(feats).all():
+            bad = [st for st, _, n, off in segments
+                   if not np.isfinite(feats[off : off + n]).all()]
+            for st in {id(s): s for s in bad}.values():
+                self._fail(st, "non-finite features (NaN/Inf): try --precision fp32")
+        for st, row0, n, off in segments:
+            if st.failed:
+                continue
+            if st.writer is None:
+                self._open(st)
+            st.writer.f["features"][row0 : row0 + n] = feats[off : off + n]
+            st.remaining -= n
+            if st.remaining == 0:
+                self._finish(st)
+
+    def _open(self, st: SlideState) -> None:
+        n = len(st.coords)
+        path = features_path(self.cfg.out, self.cfg.encoder, st.job.slide_id)
+        st.writer = w = h5io.AtomicH5(path)
+        w.f.attrs["schema"] = h5io.FEATURES_SCHEMA
+        h5io.set_attrs(w.f, {**st.root_attrs, **self.attrs, **h5io.now_attrs()})
+        dt = DTYPES[self.cfg.dtype]
+        rows = h5io.chunk_rows(self.dim * np.dtype(dt).itemsize, n)
+        w.f.create_dataset("features", shape=(n, self.dim), dtype=dt,
+                           chunks=(rows, self.dim) if n else None)
+        h5io.write_coords_dataset(w.f, st.coords, st.coords_attrs)
+
+    def _finish(self, st: SlideState) -> None:
+        st.writer.commit()
+        st.done = True
+        secs = time.perf_counter() - st.t0
+        n = len(st.coords)
+        self.counts["ok"] += 1
+        self.report.add(report_row(st.job, "ok", st.t0, n_patches=n,
+                                   patches_per_s=round(n / secs, 1) if secs > 0 else "",
+                                   warning=st.warning))
+        log.info("%s: %d patches in %.1f s (%.0f patches/s)", st.job.slide_id, n, secs,
+                 n / secs if secs > 0 else 0)
+
+    def _fail(self, st: SlideState, error: str) -> None:
+        if st.failed or st.done:
+            return
+        st.failed = error
+        if st.writer is not None:
+            st.writer.abort()
+        self.counts["failed"] += 1
+        self.report.add(report_row(st.job, "failed", st.t0, error=error))
+        log.error("%s failed: %s", st.job.slide_id, error)
+
+
+# -- the device side -----------------------------------------------------------------------
+class DeviceRunner:
+    """Resize + normalise on the device, run the encoder, halve the batch on CUDA OOM."""
+
+    def __init__(self, model: Encoder, cfg: EncoderConfig, device: torch.device,
+                 precision: torch.dtype, batch_size: int, compile: bool):
+        self.cfg, self.device, self.dtype = cfg, device, precision
+        self.model = model.to(device=device, dtype=precision).eval()
+        if compile:
+            self.model = torch.compile(self.model)
+        self.pad_to = batch_size if compile else 0
+        self.micro = batch_size
+        mean, std = cfg.mean_std
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, P, P, 3) → normalised (B, 3, S, S) in the model's dtype."""
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        r, s = self.cfg.resize, self.cfg.input_size
+        if x.shape[-1] != r:
+            x = F.interpolate(x, size=(r, r), mode=self.cfg.interpolation, antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        if r != s:
+            o = (r - s) // 2
+            x = x[..., o : o + s, o : o + s]
+        return ((x - self.mean) / self.std).to(self.dtype).contiguous(
+            memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        x = batch_u8.to(self.device, non_blocking=True)
+        outs, i, n = [], 0, len(x)
+        while i < n:
+            part = x[i : i + self.micro]
+            try:
+                outs.append(self._forward(part))
+                i += len(part)
+            except torch.cuda.OutOfMemoryError:
+                if self.micro == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.micro = max(1, self.micro // 2)
+                self.pad_to = min(self.pad_to, self.micro) if self.pad_to else 0
+                log.warning("CUDA out of memory: batch size lowered to %d", self.micro)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _forward(self, part: torch.Tensor) -> torch.Tensor:
+        n = len(part)
+        if self.pad_to and n < self.pad_to:  # a fixed shape spares torch.compile recompiles
+            part = torch.cat([part, part.new_zeros((self.pad_to - n, *part.shape[1:]))])
+        return self.model(self.preprocess(part))[:n]
+
+
+# -- the run -------------------------------------------------------------------------------
+def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path | None,
+                  report: Report, counts: dict[str, int], num_workers: int,
+                  ) -> list[tuple[SlideJob, Path]]:
+    """Coords for every slide: from --coords, OUT/coords, or tiled now with the same options.
+    Slides that cannot be tiled are recorded as failed."""
+    from .batch import run_batch
+
+    have, need = [], []
+    for j in jobs:
+        p = coords_path(coords_dir, j.slide_id) if coords_dir else None
+        if p is not None and not p.exists() and (coords_dir / f"{j.slide_id}.h5").exists():
+            p = coords_dir / f"{j.slide_id}.h5"
+        if p is None or not p.exists():
+            p = coords_path(tile_cfg.out, j.slide_id)
+        (have if p.exists() else need).append((j, p))
+    if need:
+        log.info("tiling %d slides without coords first", len(need))
+        tile_report = Report(tile_cfg.out / "tile_report.csv")
+        try:
+            import functools
+
+            run_batch([j for j, _ in need], functools.partial(run_tile_job, tile_cfg),
+                      tile_report, num_workers, desc="tile")
+        finally:
+            tile_report.close()
+        for row in tile_report.rows:
+            if row["status"] == "failed":
+                counts["failed"] += 1
+                report.add({**row, "error": f"tiling: {row['error']}"})
+        failed = {r["slide_id"] for r in tile_report.rows if r["status"] == "failed"}
+        have += [(j, p) for j, p in need if j.slide_id not in failed]
+    return have
+
+
+def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
+                coords_dir: Path | None, report: Report) -> dict[str, int]:
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    device = pick_device(cfg.device)
+    model, ecfg, weights_id = load_encoder(cfg.encoder, cfg.weights, "cpu")
+    precision = "fp32" if device.type == "cpu" else (cfg.precision or ecfg.precision)
+    batch = cfg.batch_size or default_batch_size(ecfg, device)
+    attrs = {"encoder": cfg.encoder, "embed_dim": ecfg.dim, "weights": weights_id,
+             "input_size": ecfg.input_size, "resize_size": ecfg.resize,
+             "interpolation": ecfg.interpolation, "mean": list(ecfg.mean_std[0]),
+             "std": list(ecfg.mean_std[1]), "precision": precision,
+             "feature_dtype": cfg.dtype}
+    expect = {"encoder": cfg.encoder, "weights": weights_id, "precision": precision}
+    todo: list[tuple[SlideJob, Path]] = []
+    for job, cpath in ensure_coords(jobs, tile_cfg, coords_dir, report, counts,
+                                    cfg.num_workers):
+        t0 = time.perf_counter()
+        out = features_path(cfg.out, cfg.encoder, job.slide_id)
+        try:
+            from .tiling import existing_output_status
+
+            status = existing_output_status(out, h5io.FEATURES_SCHEMA, expect, cfg.overwrite,
+                                            job.slide_id)
+        except Exception as e:
+            counts["failed"] += 1
+            report.add(report_row(job, "failed", t0, error=str(e)))
+            continue
+        if status == "skipped":
+            counts["skipped"] += 1
+            report.add(report_row(job, "skipped", t0))
+        else:
+            todo.append((job, cpath))
+    if not todo:
+        return counts
+    runner = DeviceRunner(model, ecfg, device, PRECISIONS[precision], batch, cfg.compile)
+    log.info("extracting %d slides with %s (%s, %s weights) on %s, batch %d, %d readers",
+             len(todo), cfg.encoder, precision, weights_id[:20], device, batch, cfg.num_workers)
+    _pipeline(todo, cfg, tile_cfg, runner, batch, attrs, report, counts)
+    return counts
+
+
+def _load_state(key: int, job: SlideJob, cpath: Path) -> SlideState:
+    c = h5io.read_coords_file(cpath)
+    root = {k: v for k, v in c.root.items() if k != "schema"}
+    root.setdefault("slide_path", str(job.path.resolve()))
+    warning = "" if len(c.coords) else "no patches in the coords file: empty features file"
+    return SlideState(key, job, c.coords, c.attrs, root, len(c.coords), warning=warning)
+
+
+@dataclass
+class _Pending:
+    chunks: list = field(default_factory=list)  # (state, row0, n, slot)
+    n: int = 0
+
+
+def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunner,
+              batch: int, attrs: dict, report: Report, counts: dict[str, int]) -> None:
+    chunk = min(cfg.chunk, batch)
+    patch = tile_cfg.params.patch_size
+    n_slots = max(8, 3 * cfg.num_workers) + 2 * math.ceil(batch / chunk)
+    pool = ReaderPool(cfg.num_workers, chunk, patch, n_slots)
+    writer = FeatureWriter(cfg, runner.cfg.dim, attrs, report, counts)
+    writer.start()
+    pinned = runner.device.type == "cuda"
+    bufs = [torch.empty((batch, patch, patch, 3), dtype=torch.uint8, pin_memory=pinned)
+            for _ in range(3)]
+    events: list = [None] * len(bufs)
+    states: list[SlideState] = []
+    tasks = _task_stream(todo, chunk, patch, writer, states)
+    inflight: dict[int, tuple[SlideState, int, int]] = {}
+    ahead = n_slots + cfg.num_workers  # queued tasks: enough to keep every reader busy
+    pend, which, exhausted = _Pending(), 0, False
+    try:
+        while True:
+            while not exhausted and len(inflight) < ahead and (
+                    cfg.num_workers > 0 or len(inflight) + len(pend.chunks) < n_slots):
+                t = next(tasks, None)
+                if t is None:
+                    exhausted = True
+                    break
+                task, st = t
+                inflight[task.task_id] = (st, task.row0, len(task.coords))
+                pool.submit(task)
+            if not inflight and not pend.n:
+                break
+            if inflight:
+                tid, slot, err = pool.get()
+                st, row0, n = inflight.pop(tid)
+                if err is not None or st.failed:
+                    if slot is not None:
+                        pool.release(slot)
+                    if err is not None:
+                        writer.q.put(("fail", st, f"reading patches: {err}"))
+                else:
+                    pend.chunks.append((st, row0, n, slot))
+                    pend.n += n
+            if pend.n and (pend.n + chunk > batch or not inflight):
+                which = (which + 1) % len(bufs)
+                if events[which] is not None:
+                    events[which].synchronize()  # the copy out of this buffer is done
+                buf, segments, off = bufs[which], [], 0
+                for st, row0, n, slot in pend.chunks:
+                    buf[off : off + n] = pool.slots[slot, :n]
+                    pool.release(slot)
+                    segments.append((st, row0, n, off))
+                    off += n
+                pend = _Pending()
+                feats = runner(buf[:off])
+                if pinned:
+                    events[which] = torch.cuda.Event()
+                    events[which].record()
+                _check_writer(writer)
+                writer.q.put(("feats", feats, segments))
+    finally:
+        if writer.is_alive():
+            writer.q.put(None)
+            writer.join()
+        pool.close()
+        for st in states:  # after an error: no temporary file is left behind
+            if st.writer is not None and not st.done:
+                st.writer.abort()
+    _check_writer(writer)
+
+
+def _check_writer(writer: FeatureWriter) -> None:
+    if writer.error is not None:
+        raise RuntimeError(f"writing features failed: {writer.error}") from writer.error
+
+
+def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
+                 states: list[SlideState]):
+    """Read tasks for every slide in order; a slide's coords are loaded when it is reached."""
+    task_id = 0
+    for key, (job, cpath) in enumerate(todo):
+        t0 = time.perf_counter()
+        try:
+            st = _load_state(key, job, cpath)
+            st.t0 = t0
+            states.append(st)
+            geom = st.coords_attrs
+            level = int(geom["patch_level"])
+            read = int(geom.get("read_size") or round(geom["patch_size_level0"]
+                                                      / geom["downsample"]))
+            if int(geom["patch_size"]) != patch:
+                raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
+                                 f"this run {patch}: re-tile or pass --patch-size")
+        except Exception as e:
+            st = SlideState(key, job, np.zeros((0, 2), np.int64), {}, {}, 0, t0=t0)
+            writer.q.put(("fail", st, f"coords: {e}"))
+            continue
+        if len(st.coords) == 0:
+            writer.q.put(("empty", st, None))
+            continue
+        for row0 in range(0, len(st.coords), chunk):
+            if st.failed:
+                break
+            yield ReadTask(task_id, key, str(job.path), float(geom["level0_mpp"]), level, read,
+                           patch, st.coords[row0 : row0 + chunk], row0), st
+            task_id += 1
