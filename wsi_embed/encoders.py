@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -436,7 +436,6 @@ class PresetRow:
     input_size: int
     weights: str
     licence: str
-    extra: dict = field(default_factory=dict)
 
 
 def registry_table() -> list[PresetRow]:

@@ -78,9 +78,7 @@ def default_batch_size(cfg: EncoderConfig, device: torch.device) -> int:
 @dataclass(frozen=True)
 class ReadTask:
     task_id: int
-    slide_key: int
     path: str
-    mpp: float
     level: int
     read_size: int
     patch_size: int
@@ -549,6 +547,6 @@ def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
         for row0 in range(0, len(st.coords), chunk):
             if st.failed:
                 break
-            yield ReadTask(task_id, key, str(job.path), float(geom["level0_mpp"]), level, read,
-                           patch, st.coords[row0 : row0 + chunk], row0), st
+            yield ReadTask(task_id, str(job.path), level, read, patch,
+                           st.coords[row0 : row0 + chunk], row0), st
             task_id += 1
