@@ -16,9 +16,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from .h5io import tmp_path
+from .h5io import remove_stale_tmp, tmp_path
 from .slides import SLIDE_EXTENSIONS
-from .tiling import SlideJob
+from .tiling import SlideJob, TileConfig, run_tile_job
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,23 @@ def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: Repo
     if bar is not None:
         bar.close()
     return counts
+
+
+def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int
+                ) -> tuple[dict[str, int], Report]:
+    """Tile `jobs` into cfg.out (coords, thumbnails, tile_report.csv): the `tile` command's
+    work, also run by `extract` for slides that have no coords yet."""
+    import functools
+
+    for sub in ("coords", "thumbnails"):
+        remove_stale_tmp(cfg.out / sub)
+    report = Report(cfg.out / "tile_report.csv")
+    try:
+        counts = run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers,
+                           desc="tile")
+    finally:
+        report.close()
+    return counts, report
 
 
 def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record) -> list[SlideJob]:

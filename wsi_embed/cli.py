@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -136,23 +135,15 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
          overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
          log_level: str = LOG_LEVEL) -> None:
     """Find tissue and lay a grid of patches at a physical resolution."""
-    from .batch import Report, run_batch
-    from .h5io import remove_stale_tmp
-    from .tiling import TileConfig, run_tile_job
+    from .batch import tile_slides
+    from .tiling import TileConfig
 
     _setup_logging(log_level)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask)
-    for sub in ("coords", "thumbnails"):
-        remove_stale_tmp(out / sub)
-    cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite)
-    report = Report(out / "tile_report.csv")
-    try:
-        counts = run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers,
-                           desc="tile")
-    finally:
-        report.close()
+    counts, report = tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask,
+                                                  overwrite), num_workers)
     _finish(counts, report.path)
 
 
@@ -217,7 +208,6 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     cfg = ExtractConfig(out, encoder, weights, device, batch_size, num_workers, precision,
                         dtype, compile, overwrite)
     remove_stale_tmp(out / "features" / encoder)
-    remove_stale_tmp(out / "coords")
     report = Report(out / f"extract_report_{encoder}.csv", EXTRACT_COLUMNS)
     try:
         counts = run_extract(jobs, cfg, tile_cfg, coords, report)

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from . import h5io
-from .batch import Report
+from .batch import Report, tile_slides
 from .encoders import Encoder, EncoderConfig, load_encoder
 from .slides import Slide, open_slide
-from .tiling import SlideJob, TileConfig, coords_path, report_row, run_tile_job
+from .tiling import SlideJob, TileConfig, coords_path, existing_output_status, report_row
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,6 @@ class ReaderPool:
 # -- per-slide state and the writer thread -------------------------------------------------
 @dataclass
 class SlideState:
-    key: int
     job: SlideJob
     coords: np.ndarray
     coords_attrs: dict
@@ -251,12 +250,11 @@ class FeatureWriter(threading.Thread):
             self._open(payload)
             self._finish(payload)
             return
-        feats = payload.float().cpu().numpy() if isinstance(payload, torch.Tensor) else payload
+        feats = payload.float().cpu().numpy()
         if not np.isfinite(feats).all():
-            bad = [st for st, _, n, off in segments
-                   if not np.isfinite(feats[off : off + n]).all()]
-            for st in {id(s): s for s in bad}.values():
-                self._fail(st, "non-finite features (NaN/Inf): try --precision fp32")
+            for st, _, n, off in segments:  # _fail records each slide once
+                if not np.isfinite(feats[off : off + n]).all():
+                    self._fail(st, "non-finite features (NaN/Inf): try --precision fp32")
         for st, row0, n, off in segments:
             if st.failed:
                 continue
@@ -362,8 +360,6 @@ def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path |
                   ) -> list[tuple[SlideJob, Path]]:
     """Coords for every slide: from --coords, OUT/coords, or tiled now with the same options.
     Slides that cannot be tiled are recorded as failed."""
-    from .batch import run_batch
-
     have, need = [], []
     for j in jobs:
         p = coords_path(coords_dir, j.slide_id) if coords_dir else None
@@ -374,19 +370,13 @@ def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path |
         (have if p.exists() else need).append((j, p))
     if need:
         log.info("tiling %d slides without coords first", len(need))
-        tile_report = Report(tile_cfg.out / "tile_report.csv")
-        try:
-            import functools
-
-            run_batch([j for j, _ in need], functools.partial(run_tile_job, tile_cfg),
-                      tile_report, num_workers, desc="tile")
-        finally:
-            tile_report.close()
+        _, tile_report = tile_slides([j for j, _ in need], tile_cfg, num_workers)
+        failed = set()
         for row in tile_report.rows:
             if row["status"] == "failed":
+                failed.add(row["slide_id"])
                 counts["failed"] += 1
                 report.add({**row, "error": f"tiling: {row['error']}"})
-        failed = {r["slide_id"] for r in tile_report.rows if r["status"] == "failed"}
         have += [(j, p) for j, p in need if j.slide_id not in failed]
     return have
 
@@ -410,8 +400,6 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
         t0 = time.perf_counter()
         out = features_path(cfg.out, cfg.encoder, job.slide_id)
         try:
-            from .tiling import existing_output_status
-
             status = existing_output_status(out, h5io.FEATURES_SCHEMA, expect, cfg.overwrite,
                                             job.slide_id)
         except Exception as e:
@@ -432,12 +420,12 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
     return counts
 
 
-def _load_state(key: int, job: SlideJob, cpath: Path) -> SlideState:
+def _load_state(job: SlideJob, cpath: Path) -> SlideState:
     c = h5io.read_coords_file(cpath)
     root = {k: v for k, v in c.root.items() if k != "schema"}
     root.setdefault("slide_path", str(job.path.resolve()))
     warning = "" if len(c.coords) else "no patches in the coords file: empty features file"
-    return SlideState(key, job, c.coords, c.attrs, root, len(c.coords), warning=warning)
+    return SlideState(job, c.coords, c.attrs, root, len(c.coords), warning=warning)
 
 
 @dataclass
@@ -524,10 +512,10 @@ def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
                  states: list[SlideState]):
     """Read tasks for every slide in order; a slide's coords are loaded when it is reached."""
     task_id = 0
-    for key, (job, cpath) in enumerate(todo):
+    for job, cpath in todo:
         t0 = time.perf_counter()
         try:
-            st = _load_state(key, job, cpath)
+            st = _load_state(job, cpath)
             st.t0 = t0
             states.append(st)
             geom = st.coords_attrs
@@ -538,7 +526,7 @@ def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
                 raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
                                  f"this run {patch}: re-tile or pass --patch-size")
         except Exception as e:
-            st = SlideState(key, job, np.zeros((0, 2), np.int64), {}, {}, 0, t0=t0)
+            st = SlideState(job, np.zeros((0, 2), np.int64), {}, {}, 0, t0=t0)
             writer.q.put(("fail", st, f"coords: {e}"))
             continue
         if len(st.coords) == 0:
