@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from wsi_embed.devices import pick_device
 from wsi_embed.encoders import build_encoder
-from wsi_embed.extract import PRECISIONS, default_batch_size, pick_device
+from wsi_embed.extract import PRECISIONS, default_batch_size
 
 
 def make_slide(path: Path, side: int) -> Path:

@@ -178,6 +178,9 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
                                           help="bf16, fp16 or fp32 (CUDA; CPU is fp32)."),
             dtype: str = typer.Option("float32", "--dtype", help="Stored: float32 or float16."),
             compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
+            reader: str = typer.Option("auto", "--reader",
+                                       help="auto (raw TIFF tiles where possible, else "
+                                            "OpenSlide), fast or openslide."),
             slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE, ext: str = EXT,
             target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
             patch_size: int = PATCH_SIZE, overlap: int = OVERLAP,
@@ -189,6 +192,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     from .batch import Report
     from .encoders import EncoderError, get_config
     from .extract import DTYPES, EXTRACT_COLUMNS, PRECISIONS, ExtractConfig, run_extract
+    from .fast_reader import READERS
     from .h5io import remove_stale_tmp
     from .tiling import TileConfig
 
@@ -201,12 +205,14 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
         raise _usage_error(f"--precision must be one of {', '.join(PRECISIONS)}")
     if dtype not in DTYPES:
         raise _usage_error(f"--dtype must be one of {', '.join(DTYPES)}")
+    if reader not in READERS:
+        raise _usage_error(f"--reader must be one of {', '.join(READERS)}")
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask)
     tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
     cfg = ExtractConfig(out, encoder, weights, device, batch_size, num_workers, precision,
-                        dtype, compile, overwrite)
+                        dtype, compile, overwrite, reader=reader)
     remove_stale_tmp(out / "features" / encoder)
     report = Report(out / f"extract_report_{encoder}.csv", EXTRACT_COLUMNS)
     try:
@@ -217,6 +223,69 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     finally:
         report.close()
     _finish(counts, report.path)
+
+
+@app.command()
+def train(features: Path = typer.Option(..., "--features",
+                                        help="Folder of <slide_id>.h5 features files."),
+          labels: Path = typer.Option(..., "--labels",
+                                      help="CSV: slide_id,label[,patient_id][,split]."),
+          out: Path = OUT,
+          head: str = typer.Option("abmil", "--head",
+                                   help="abmil, resampler, transmil, clam-sb or mean."),
+          folds: int = typer.Option(5, "--folds", help="Patient-level stratified folds."),
+          epochs: int = typer.Option(30, "--epochs"),
+          lr: float = typer.Option(2e-4, "--lr"),
+          weight_decay: float = typer.Option(1e-2, "--weight-decay"),
+          bag_size: int = typer.Option(512, "--bag-size",
+                                       help="Random patches per training bag (0 = all)."),
+          batch_size: int = typer.Option(8, "--batch-size", help="Bags per step (padded)."),
+          patience: int = typer.Option(5, "--patience", help="Epochs without improvement."),
+          seed: int = typer.Option(0, "--seed"),
+          device: str = typer.Option("auto", "--device"),
+          cache_gb: float = typer.Option(8.0, "--cache-gb",
+                                         help="RAM for cached bags; the rest stream from disk."),
+          overwrite: bool = OVERWRITE, log_level: str = LOG_LEVEL) -> None:
+    """Train a slide-level head with cross-validation; writes model.pt and metrics."""
+    from .bags import scan_features
+    from .h5io import FeatureFileError
+    from .train import TrainConfig, TrainError, run_train
+
+    _setup_logging(log_level)
+    if (out / "model.pt").exists() and not overwrite:
+        raise _usage_error(f"{out / 'model.pt'} exists; use another --out or --overwrite")
+    cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay, bag_size or None, batch_size,
+                      seed, device, patience, cache_gb=cache_gb)
+    try:
+        result = run_train(scan_features(features), labels, cfg)
+    except (TrainError, FeatureFileError) as e:
+        raise _usage_error(str(e)) from None
+    summary = result["summary"]
+    log.info("done: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
+                                  for k, v in summary.items()) + f"; model: {out / 'model.pt'}")
+
+
+@app.command()
+def classify(features: Path = typer.Option(..., "--features",
+                                           help="Folder of <slide_id>.h5 features files."),
+             model: Path = typer.Option(..., "--model", help="model.pt from `train`."),
+             out: Path = OUT,
+             slides: Path = typer.Option(None, "--slides",
+                                         help="Slide folder: adds heatmaps, patches, GeoJSON."),
+             top_k: int = typer.Option(8, "--top-k", help="Patches shown per row."),
+             device: str = typer.Option("auto", "--device"),
+             log_level: str = LOG_LEVEL) -> None:
+    """Predict slides with a trained model; per-patch attention, heatmaps, QuPath GeoJSON."""
+    from .classify import ClassifyConfig, run_classify
+    from .h5io import FeatureFileError
+    from .slide_model import ModelError
+
+    _setup_logging(log_level)
+    try:
+        counts = run_classify(ClassifyConfig(features, model, out, slides, top_k, device))
+    except (ModelError, FeatureFileError) as e:
+        raise _usage_error(str(e)) from None
+    _finish(counts, out / "predictions.csv")
 
 
 @app.command()

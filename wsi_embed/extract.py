@@ -30,14 +30,16 @@ import torch.nn.functional as F
 
 from . import h5io
 from .batch import Report, tile_slides
+from .devices import pick_device
 from .encoders import Encoder, EncoderConfig, load_encoder
+from .fast_reader import TiffTileReader, choose_reader
 from .slides import Slide, open_slide
 from .tiling import SlideJob, TileConfig, coords_path, existing_output_status, report_row
 
 log = logging.getLogger(__name__)
 
 EXTRACT_COLUMNS = ["slide_id", "path", "status", "n_patches", "seconds", "patches_per_s",
-                   "error", "warning"]
+                   "reader", "error", "warning"]
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,16 +57,11 @@ class ExtractConfig:
     compile: bool = False
     overwrite: bool = False
     chunk: int = 64  # patches per read task
+    reader: str = "auto"  # auto, fast (raw TIFF tiles) or openslide
 
 
 def features_path(out: Path, encoder: str, slide_id: str) -> Path:
     return out / "features" / encoder / f"{slide_id}.h5"
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_batch_size(cfg: EncoderConfig, device: torch.device) -> int:
@@ -84,29 +81,38 @@ class ReadTask:
     patch_size: int
     coords: np.ndarray  # (n, 2) level-0
     row0: int
+    reader: str = "openslide"
+    page: int = -1  # the TIFF page of `level` (fast reader)
+    downsample: float = 1.0
 
 
 class PatchReader:
-    """Reads patches at a level and resizes them to patch_size; keeps a few slides open."""
+    """Reads patches at a level (OpenSlide, or raw TIFF tiles) and resizes them to
+    patch_size; keeps a few slides open."""
 
     def __init__(self, max_open: int = 4):
-        self._open: OrderedDict[str, Slide] = OrderedDict()
+        self._open: OrderedDict[tuple, Slide | TiffTileReader] = OrderedDict()
         self.max_open = max_open
 
-    def _slide(self, path: str) -> Slide:
-        if path in self._open:
-            self._open.move_to_end(path)
-            return self._open[path]
-        s = open_slide(path)
-        self._open[path] = s
+    def _handle(self, t: ReadTask) -> Slide | TiffTileReader:
+        key = (t.path, t.reader, t.page)
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        h = TiffTileReader(t.path, t.page) if t.reader == "fast" else open_slide(t.path)
+        self._open[key] = h
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
-        return s
+        return h
 
     def read_into(self, t: ReadTask, out: np.ndarray) -> None:
-        slide = self._slide(t.path)
+        h = self._handle(t)
         for i, (x, y) in enumerate(t.coords):
-            region = slide.read_region(int(x), int(y), t.level, t.read_size, t.read_size)
+            if t.reader == "fast":
+                region = h.read_level0(int(x), int(y), t.downsample, t.read_size,
+                                       t.read_size)
+            else:
+                region = h.read_region(int(x), int(y), t.level, t.read_size, t.read_size)
             if t.read_size != t.patch_size:
                 region = cv2.resize(region, (t.patch_size, t.patch_size),
                                     interpolation=cv2.INTER_AREA)
@@ -219,6 +225,7 @@ class SlideState:
     failed: str = ""
     warning: str = ""
     done: bool = False
+    reader: str = ""
 
 
 class FeatureWriter(threading.Thread):
@@ -283,7 +290,7 @@ class FeatureWriter(threading.Thread):
         secs = time.perf_counter() - st.t0
         n = len(st.coords)
         self.counts["ok"] += 1
-        self.report.add(report_row(st.job, "ok", st.t0, n_patches=n,
+        self.report.add(report_row(st.job, "ok", st.t0, n_patches=n, reader=st.reader,
                                    patches_per_s=round(n / secs, 1) if secs > 0 else "",
                                    warning=st.warning))
         log.info("%s: %d patches in %.1f s (%.0f patches/s)", st.job.slide_id, n, secs,
@@ -447,7 +454,7 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
             for _ in range(3)]
     events: list = [None] * len(bufs)
     states: list[SlideState] = []
-    tasks = _task_stream(todo, chunk, patch, writer, states)
+    tasks = _task_stream(todo, chunk, patch, cfg.reader, writer, states)
     inflight: dict[int, tuple[SlideState, int, int]] = {}
     ahead = n_slots + cfg.num_workers  # queued tasks: enough to keep every reader busy
     pend, which, exhausted = _Pending(), 0, False
@@ -508,7 +515,7 @@ def _check_writer(writer: FeatureWriter) -> None:
         raise RuntimeError(f"writing features failed: {writer.error}") from writer.error
 
 
-def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
+def _task_stream(todo, chunk: int, patch: int, reader: str, writer: FeatureWriter,
                  states: list[SlideState]):
     """Read tasks for every slide in order; a slide's coords are loaded when it is reached."""
     task_id = 0
@@ -525,9 +532,15 @@ def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
             if int(geom["patch_size"]) != patch:
                 raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
                                  f"this run {patch}: re-tile or pass --patch-size")
+            page, downsample = -1, float(geom["downsample"])
+            if len(st.coords):
+                with open_slide(job.path) as slide:
+                    choice = choose_reader(slide, level, reader)
+                    downsample = slide.level_downsamples[level]
+                st.reader, page = f"{choice.kind} ({choice.reason})", choice.page
         except Exception as e:
             st = SlideState(job, np.zeros((0, 2), np.int64), {}, {}, 0, t0=t0)
-            writer.q.put(("fail", st, f"coords: {e}"))
+            writer.q.put(("fail", st, f"before reading: {e}"))
             continue
         if len(st.coords) == 0:
             writer.q.put(("empty", st, None))
@@ -536,5 +549,6 @@ def _task_stream(todo, chunk: int, patch: int, writer: FeatureWriter,
             if st.failed:
                 break
             yield ReadTask(task_id, str(job.path), level, read, patch,
-                           st.coords[row0 : row0 + chunk], row0), st
+                           st.coords[row0 : row0 + chunk], row0, choice.kind, page,
+                           downsample), st
             task_id += 1

@@ -187,3 +187,74 @@ def _same(a, b) -> bool:
     if isinstance(a, np.generic):
         a = a.item()
     return a == b
+
+
+# -- features files from wsi-embed, CLAM/TRIDENT and STAMP --------------------------------
+#: Dataset names that hold per-patch features, in the order they are looked for.
+FEATURE_KEYS = ("features", "feats")
+
+
+class FeatureFileError(Exception):
+    """A features file that cannot be used for slide-level work (the message says why)."""
+
+
+@dataclass(frozen=True)
+class FeaturesMeta:
+    """What a features file holds, read without loading the features."""
+
+    path: Path
+    key: str  # the dataset holding the features
+    n: int
+    dim: int
+    encoder: str | None  # None: the file does not say (plain CLAM files)
+    weights: str | None
+    has_coords: bool
+
+
+def _features_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
+    for key in FEATURE_KEYS:
+        if key in f and isinstance(f[key], h5py.Dataset):
+            ds = f[key]
+            shape = ds.shape[1:] if ds.ndim == 3 and ds.shape[0] == 1 else ds.shape
+            if len(shape) != 2:
+                raise FeatureFileError(f"{path}: dataset {key!r} has shape {ds.shape}, "
+                                       "expected (patches, dim)")
+            return ds
+    raise FeatureFileError(f"{path}: no 'features' (wsi-embed, CLAM, TRIDENT) or 'feats' "
+                           "(STAMP) dataset; is this a coords file? Run `wsi-embed extract`.")
+
+
+def read_features_meta(path: Path) -> FeaturesMeta:
+    """Shape and provenance of a features file; accepts CLAM/TRIDENT and STAMP layouts."""
+    try:
+        with h5py.File(path, "r") as f:
+            ds = _features_dataset(f, path)
+            root = _attrs(f)
+            enc = root.get("encoder") or root.get("extractor") or _attrs(ds).get("encoder")
+            weights = root.get("weights")
+            n, dim = ds.shape[-2:]
+            return FeaturesMeta(path, ds.name.lstrip("/"), int(n), int(dim),
+                                None if enc is None else str(enc),
+                                None if weights is None else str(weights), "coords" in f)
+    except OSError as e:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def read_features(path: Path, key: str = "features") -> np.ndarray:
+    """The (N, D) features as stored (float16 stays float16 to halve cache memory)."""
+    try:
+        with h5py.File(path, "r") as f:
+            x = f[key][()]
+    except (OSError, KeyError) as e:
+        raise FeatureFileError(f"{path}: cannot read {key!r} ({e})") from None
+    return x[0] if x.ndim == 3 else x
+
+
+def read_patch_coords(path: Path) -> tuple[np.ndarray, dict]:
+    """The coords of a features file and their attrs; (0, 2) and {} when it has none."""
+    with h5py.File(path, "r") as f:
+        if "coords" not in f:
+            return np.zeros((0, 2), np.int64), {}
+        ds = f["coords"]
+        c = ds[()]
+        return (c[0] if c.ndim == 3 else c), _attrs(ds)

@@ -145,3 +145,49 @@ def blob_slide(path: Path, width: int, height: int, mpp: float = 0.25) -> Path:
 
     return write_slide(path, width, height, mpp, tile_fn, downsamples=(1, 4, 16, 64),
                        quality=80)
+
+
+@dataclass
+class WitnessBags:
+    """Synthetic MIL data: which slides have which label and which patches are witnesses."""
+
+    labels_csv: Path
+    labels: dict[str, str]
+    witnesses: dict[str, np.ndarray]  # boolean per patch
+
+
+def write_witness_bags(folder: Path, n_slides: int, n_classes: int = 2, dim: int = 768,
+                       patches: tuple[int, int] = (300, 600), witness_frac=(0.02, 0.05),
+                       shift: float = 8.0, seed: int = 0, dtype=np.float16,
+                       encoder: str = "synthetic", weights: str = "random") -> WitnessBags:
+    """Features files of Gaussian patches; class c > 0 bags hold 2–5 % "witness" patches
+    shifted by `shift` along a class-specific random direction. Slides come in patients of
+    one or two slides. Writes `folder/<slide_id>.h5` and `folder/labels.csv`."""
+    from .h5io import FEATURES_SCHEMA, atomic_h5, write_coords_dataset
+
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((n_classes, dim))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels, witnesses, rows = {}, {}, []
+    for i in range(n_slides):
+        sid, c = f"slide_{i:04d}", i % n_classes
+        n = int(rng.integers(*patches))
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        w = np.zeros(n, bool)
+        if c > 0:
+            k = max(1, round(n * rng.uniform(*witness_frac)))
+            w[rng.choice(n, k, replace=False)] = True
+            x[w] += shift * dirs[c]
+        side = int(np.ceil(np.sqrt(n)))
+        coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1) * 512
+        with atomic_h5(folder / f"{sid}.h5") as f:
+            f.attrs.update({"schema": FEATURES_SCHEMA, "encoder": encoder, "weights": weights,
+                            "embed_dim": dim})
+            f.create_dataset("features", data=x.astype(dtype))
+            write_coords_dataset(f, coords, {"patch_size": 256, "patch_size_level0": 512})
+        labels[sid], witnesses[sid] = str(c), w
+        rows.append(f"{sid},{c},patient_{i // (2 * n_classes):04d}_{c}")  # two slides each
+    csv_path = folder / "labels.csv"
+    csv_path.write_text("slide_id,label,patient_id\n" + "\n".join(rows) + "\n")
+    return WitnessBags(csv_path, labels, witnesses)

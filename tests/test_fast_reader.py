@@ -1,0 +1,111 @@
+"""The raw-tile reader gives OpenSlide's pixels, decodes each tile once, and falls back."""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi_embed.fast_reader import TiffTileReader, choose_reader
+from wsi_embed.slides import open_slide
+from wsi_embed.synthetic import array_tile_fn, write_slide
+
+from .conftest import CMU, KIDNEY, NDPI, TCGA, cli, copy
+
+
+def positions(w, h, size, step, rng, n=40):
+    """Random top-left corners (multiples of `step`), some overhanging the right/bottom edge."""
+    xs = rng.integers(0, (w - size // 2) // step, n) * step
+    ys = rng.integers(0, (h - size // 2) // step, n) * step
+    return list(zip(xs.tolist(), ys.tolist(), strict=True))
+
+
+def compare(path, level, size=256, n=40, seed=0):
+    """Mean absolute difference (grey levels) between the two readers over random patches."""
+    rng = np.random.default_rng(seed)
+    with open_slide(path) as slide:
+        choice = choose_reader(slide, level, "auto")
+        assert choice.kind == "fast", choice.reason
+        ds = slide.level_downsamples[level]
+        fast = TiffTileReader(path, choice.page)
+        step = 1 if ds % 1 else int(ds) * 8  # TCGA's level 1 (2.0004): any position
+        diffs = []
+        for x, y in positions(slide.width, slide.height, int(size * ds), step, rng, n):
+            a = fast.read_level0(x, y, ds, size, size).astype(int)
+            b = slide.read_region(x, y, level, size, size).astype(int)
+            diffs.append(np.abs(a - b).mean())
+        fast.close()
+    return float(np.mean(diffs)), float(np.max(diffs))
+
+
+@pytest.mark.parametrize("tile", [240, 256])
+@pytest.mark.parametrize("aperio", [True, False])
+def test_synthetic_pyramids_match_openslide_across_tile_borders(tmp_path, tile, aperio):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (1500, 2100, 3), dtype=np.uint8)  # texture everywhere
+    path = write_slide(tmp_path / ("s.svs" if aperio else "s.tif"), 2100, 1500, 0.25,
+                       array_tile_fn(img), tile=tile, aperio=aperio, downsamples=(1, 4))
+    with open_slide(path) as s:
+        assert s.vendor == ("aperio" if aperio else "generic-tiff")
+    for level in (0, 1):
+        mean, worst = compare(path, level, seed=level)
+        assert mean <= 1 and worst <= 1, (level, mean, worst)
+
+
+def test_real_slides_match_openslide():
+    mean, worst = compare(CMU, 0)  # Aperio JPEG, RGB photometric, 240 px tiles
+    assert mean <= 1 and worst <= 1
+    for level in (0, 1):  # TCGA: Aperio JPEG 2000 (33005), two levels
+        mean, _ = compare(TCGA, level, n=20)
+        assert mean <= 1, (level, mean)
+
+
+def test_each_tile_is_decoded_once_for_a_grid(tmp_path):
+    img = np.random.default_rng(2).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    path = write_slide(tmp_path / "g.svs", 1024, 1024, 0.5, array_tile_fn(img), tile=256,
+                       downsamples=(1,))
+    r = TiffTileReader(path, 0)
+    for y in range(0, 1024 - 200, 100):  # overlapping 200 px patches crossing borders
+        for x in range(0, 1024 - 200, 100):
+            r.read(x, y, 200, 200)
+    assert r.decoded == 16  # a 4 x 4 tile grid
+    assert r.read(900, 900, 256, 256)[200:, 200:].min() == 255  # outside the slide: white
+
+
+def test_other_formats_fall_back_and_fast_insists():
+    for path in (NDPI, KIDNEY):
+        with open_slide(path) as s:
+            if s.mpp is None:
+                s.mpp = 0.5
+            c = choose_reader(s, 0, "auto")
+            assert c.kind == "openslide" and c.reason
+            with pytest.raises(ValueError, match="--reader auto"):
+                choose_reader(s, 0, "fast")
+    with open_slide(CMU) as s:
+        assert choose_reader(s, 0, "openslide").kind == "openslide"
+
+
+def test_extract_features_agree_between_readers(tmp_path):
+    slides = tmp_path / "in"
+    copy(CMU, slides / "cmu.svs")
+    copy(NDPI, slides / "ndpi.ndpi")
+    feats = {}
+    for reader in ("openslide", "auto"):
+        out = tmp_path / reader
+        r = cli("extract", slides, "--out", out, "--encoder", "ctranspath", "--weights",
+                "random", "--reader", reader, "--num-workers", "1", "--batch-size", "16")
+        assert r.exit_code == 0, r.output
+        with open(out / "extract_report_ctranspath.csv") as fh:
+            rows = {row["slide_id"]: row for row in csv.DictReader(fh)}
+        with h5py.File(out / "features" / "ctranspath" / "cmu.h5") as f:
+            feats[reader] = f["features"][:]
+        if reader == "auto":
+            assert rows["cmu"]["reader"].startswith("fast")
+            assert rows["ndpi"]["reader"].startswith("openslide")
+    a, b = feats["openslide"], feats["auto"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert len(a) > 20 and cos.min() >= 0.999
+    assert cli("extract", slides, "--out", tmp_path / "x", "--encoder", "ctranspath",
+               "--weights", "random", "--reader", "fast", "--num-workers", "0").exit_code == 1

@@ -1,0 +1,234 @@
+"""train and classify on synthetic witness bags written as real features files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi_embed.bags import BagStore, scan_features
+from wsi_embed.heads import HEADS
+from wsi_embed.synthetic import write_witness_bags
+
+from .conftest import cli
+
+FAST = ("--epochs", "10", "--lr", "1e-3")
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory):
+    return write_witness_bags(tmp_path_factory.mktemp("bags") / "f", 80, n_classes=2,
+                              patches=(40, 80), shift=20.0)
+
+
+def read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def attention(folder, sid):
+    with h5py.File(folder / "attention" / f"{sid}.h5") as f:
+        return f["attention"][:]
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_every_head_finds_the_witnesses(binary, tmp_path, head):
+    feats, out = binary.labels_csv.parent, tmp_path / "m"
+    r = cli("train", "--features", feats, "--labels", binary.labels_csv, "--out", out,
+            "--head", head, *FAST)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["folds"]) == 5
+    assert metrics["summary"]["auc"]["mean"] >= 0.95, metrics["summary"]
+    splits = json.loads((out / "splits.json").read_text())
+    test_ids = [s for f in splits.values() for s in f["test"]]
+    assert sorted(test_ids) == sorted(binary.labels)  # each slide tested exactly once
+    for f in splits.values():  # patient-level: no patient on both sides
+        patients = {p: {s.rsplit("_", 0)[0] for s in f[p]} for p in ("train", "test")}
+        assert not patients["train"] & patients["test"]
+
+    # the model saved for fold 0 gives the same numbers through `classify`
+    fold = out / "folds" / "fold_0"
+    r = cli("classify", "--features", feats, "--model", fold / "model.pt", "--out",
+            tmp_path / "c0")
+    assert r.exit_code == 0, r.output
+    got = {row["slide_id"]: row for row in read_csv(tmp_path / "c0" / "predictions.csv")}
+    oof = read_csv(fold / "predictions.csv")
+    assert len(oof) == len(splits["fold_0"]["test"])
+    for row in oof:
+        for c in ("prob_0", "prob_1", "prediction"):
+            assert got[row["slide_id"]][c] == row[c]
+
+    if head in ("abmil", "resampler"):  # witnesses draw the attention
+        r = cli("classify", "--features", feats, "--model", out / "model.pt", "--out",
+                tmp_path / "c")
+        assert r.exit_code == 0, r.output
+        ratios = []
+        for sid, label in binary.labels.items():
+            if label == "1":
+                a, w = attention(tmp_path / "c", sid), binary.witnesses[sid]
+                ratios.append(a[w].mean() / a[~w].mean())
+        assert np.mean(ratios) >= 5, ratios
+
+
+def test_three_classes(tmp_path):
+    bags = write_witness_bags(tmp_path / "f", 90, n_classes=3, patches=(40, 80), shift=20.0,
+                              seed=3)
+    out = tmp_path / "m"
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--out", out, "--head", "abmil", *FAST)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["0", "1", "2"]
+    assert metrics["summary"]["auc"]["mean"] >= 0.95
+    assert metrics["summary"]["balanced_accuracy"]["mean"] >= 0.8
+    rows = read_csv(out / "oof_predictions.csv")
+    assert {"prob_0", "prob_1", "prob_2", "fold", "label"} <= set(rows[0])
+    assert len(rows) == 90
+
+
+def test_same_seed_same_results_other_seed_differs(binary, tmp_path):
+    args = ("--features", binary.labels_csv.parent, "--labels", binary.labels_csv,
+            "--folds", "3", "--epochs", "3", "--head", "abmil")
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert cli("train", *args, "--out", tmp_path / name, "--seed", seed).exit_code == 0
+    oof = {n: (tmp_path / n / "oof_predictions.csv").read_text() for n in "abc"}
+    m = {n: json.loads((tmp_path / n / "metrics.json").read_text())["folds"] for n in "abc"}
+    assert oof["a"] == oof["b"] and m["a"] == m["b"]
+    assert oof["a"] != oof["c"]
+
+
+def test_bag_cache_stays_within_its_budget(binary, tmp_path):
+    fs = scan_features(binary.labels_csv.parent)
+    one = fs.metas["slide_0000"].n * fs.dim * 2  # float16 on disk
+    store = BagStore(fs.metas, cache_bytes=3 * one)
+    for sid in list(fs.metas) * 2:
+        x = store.get(sid)
+        assert x.dtype == np.float32 and x.shape == (fs.metas[sid].n, fs.dim)
+        assert store.cached_bytes <= 3 * one
+    # training with a cache far smaller than the data streams bags from disk every epoch
+    r = cli("train", "--features", binary.labels_csv.parent, "--labels", binary.labels_csv,
+            "--out", tmp_path / "m", "--folds", "2", "--epochs", "2", "--cache-gb", "0.0001")
+    assert r.exit_code == 0, r.output
+
+
+def _copy_bags(binary, dst, n=20):
+    dst.mkdir(parents=True)
+    for sid in sorted(binary.labels)[:n]:
+        shutil.copy(binary.labels_csv.parent / f"{sid}.h5", dst)
+    return dst
+
+
+def _labels(path, rows, header="slide_id,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_bad_inputs_give_clear_errors(binary, tmp_path):
+    feats = _copy_bags(binary, tmp_path / "f")
+    ids = sorted(p.stem for p in feats.glob("*.h5"))
+
+    def train(labels, *extra, folder=feats):
+        return cli("train", "--features", folder, "--labels", labels, "--out",
+                   tmp_path / "o", *extra)
+
+    r = train(_labels(tmp_path / "a.csv", [f"{s},x" for s in ids], "slide,diagnosis"))
+    assert r.exit_code == 2 and "'slide_id'" in r.output and "slide, diagnosis" in r.output
+    r = train(_labels(tmp_path / "b.csv", [f"{s},tumour" for s in ids]))
+    assert r.exit_code == 2 and "only one class" in r.output
+    r = train(_labels(tmp_path / "c.csv", [f"{s},{i % 2}" for i, s in enumerate(ids)]),
+              "--folds", "15")
+    assert r.exit_code == 2 and "too few patients" in r.output and "--folds" in r.output
+    r = train(_labels(tmp_path / "d.csv", ["nope_1,0", "nope_2,1"]))
+    assert r.exit_code == 2 and "has a features file" in r.output
+
+    # mixed dims and mixed encoders are refused, naming an example file of each
+    other = tmp_path / "other"
+    write_witness_bags(other, 2, dim=32, patches=(5, 6))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(feats, mixed)
+    shutil.copy(other / "slide_0000.h5", mixed / "x_small.h5")
+    r = train(tmp_path / "c.csv", folder=mixed)
+    assert r.exit_code == 2 and "different dims" in r.output and "x_small.h5" in r.output
+    with h5py.File(mixed / "x_small.h5", "r+") as f:
+        del f["features"]
+        f["features"] = np.zeros((5, 768), np.float16)
+        f.attrs["encoder"] = "uni_v1"
+    r = train(tmp_path / "c.csv", folder=mixed)
+    assert r.exit_code == 2 and "different encoders" in r.output and "'uni_v1'" in r.output
+
+    # NaN features: the file is named, nothing crashes
+    nan = tmp_path / "nan"
+    shutil.copytree(feats, nan)
+    with h5py.File(nan / f"{ids[3]}.h5", "r+") as f:
+        f["features"][2, 5] = np.nan
+    r = train(tmp_path / "c.csv", "--folds", "2", "--epochs", "1", folder=nan)
+    assert r.exit_code == 2 and f"{ids[3]}.h5" in r.output and "NaN" in r.output
+
+
+def test_missing_and_unlabelled_slides_are_reported_not_fatal(binary, tmp_path):
+    feats = _copy_bags(binary, tmp_path / "f")
+    ids = sorted(p.stem for p in feats.glob("*.h5"))
+    labels = _labels(tmp_path / "l.csv", [f"{s},{i % 2}" for i, s in enumerate(ids[:16])]
+                     + ["ghost_a,0", "ghost_b,1"])
+    r = cli("train", "--features", feats, "--labels", labels, "--out", tmp_path / "o",
+            "--folds", "2", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    text = r.output
+    assert "2 labelled slides have no features file" in text and "ghost_a" in text
+    assert "4 features files have no label" in text
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["n_slides"] == 16
+    # an existing model is not overwritten by accident
+    r = cli("train", "--features", feats, "--labels", labels, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_split_column_and_empty_bags(binary, tmp_path):
+    feats = _copy_bags(binary, tmp_path / "f")
+    ids = sorted(p.stem for p in feats.glob("*.h5"))
+    with h5py.File(feats / "empty.h5", "w") as f:  # a slide where no tissue was found
+        f.attrs.update({"encoder": "synthetic", "weights": "random"})
+        f["features"] = np.zeros((0, 768), np.float16)
+        f["coords"] = np.zeros((0, 2), np.int64)
+    split = ["train"] * 12 + ["val"] * 4 + ["test"] * 4
+    labels = _labels(tmp_path / "l.csv", [f"{s},{i % 2},{split[i]}" for i, s in enumerate(ids)]
+                     + ["empty,1,train"], "slide_id,label,split")
+    r = cli("train", "--features", feats, "--labels", labels, "--out", tmp_path / "m",
+            "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    splits = json.loads((tmp_path / "m" / "splits.json").read_text())
+    assert list(splits) == ["fold_0"] and splits["fold_0"]["test"] == ids[16:]
+    assert "empty" not in splits["fold_0"]["train"]
+    r = cli("classify", "--features", feats, "--model", tmp_path / "m" / "model.pt", "--out",
+            tmp_path / "c")
+    assert r.exit_code == 1  # one slide could not be classified; all others were
+    rows = {x["slide_id"]: x for x in read_csv(tmp_path / "c" / "predictions.csv")}
+    assert rows["empty"]["status"] == "failed" and "no patches" in rows["empty"]["error"]
+    assert sum(x["status"] == "ok" for x in rows.values()) == 20
+
+
+def test_foreign_layouts_train_and_classify_refuses_other_encoders(binary, tmp_path):
+    """CLAM/TRIDENT files (features + coords, no provenance) and STAMP files (feats)."""
+    clam, stamp = tmp_path / "clam", tmp_path / "stamp"
+    clam.mkdir(), stamp.mkdir()
+    for sid in sorted(binary.labels)[:20]:
+        with h5py.File(binary.labels_csv.parent / f"{sid}.h5") as src:
+            x, c = src["features"][:], src["coords"][:]
+        with h5py.File(clam / f"{sid}.h5", "w") as f:
+            f["features"], f["coords"] = x, c
+        with h5py.File(stamp / f"{sid}.h5", "w") as f:
+            f["feats"], f["coords"] = x, c
+            f.attrs["extractor"] = "stamp-uni"
+    assert scan_features(stamp).encoder == "stamp-uni"
+    assert scan_features(clam).encoder is None
+    r = cli("train", "--features", clam, "--labels", binary.labels_csv, "--out", tmp_path / "m",
+            "--folds", "2", "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    r = cli("classify", "--features", stamp, "--model", tmp_path / "m" / "model.pt", "--out",
+            tmp_path / "c")
+    assert r.exit_code == 2 and "stamp-uni" in r.output and "same encoder" in r.output
+    assert not (tmp_path / "c" / "predictions.csv").exists()

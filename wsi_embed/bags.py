@@ -1,0 +1,109 @@
+"""Bags of patch features for slide-level work: find them, check they belong together, and
+load them lazily through a cache bounded in bytes (feature sets larger than RAM still train).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .h5io import FeatureFileError, FeaturesMeta, read_features, read_features_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """The features files of one folder that share one encoder, weights and dim."""
+
+    metas: dict[str, FeaturesMeta]  # by slide id (file stem)
+    dim: int
+    encoder: str | None
+    weights: str | None
+
+
+def scan_features(folder: Path) -> FeatureSet:
+    """Every `<slide_id>.h5` in `folder`; refuses a mix of dims, encoders or weights."""
+    if not folder.is_dir():
+        raise FeatureFileError(f"--features {folder} is not a folder")
+    paths = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+    if not paths:
+        raise FeatureFileError(f"no .h5 features files in {folder}; run `wsi-embed extract` "
+                               "and pass OUT/features/<encoder>")
+    metas = {p.stem: read_features_meta(p) for p in paths}
+    for key, what in (("dim", "dims"), ("encoder", "encoders"), ("weights", "weights")):
+        groups: dict[object, list[str]] = {}
+        for sid, m in metas.items():
+            groups.setdefault(getattr(m, key), []).append(sid)
+        if len(groups) > 1:
+            parts = "; ".join(f"{v!r}: {len(ids)} files, e.g. {ids[0]}.h5"
+                              for v, ids in groups.items())
+            raise FeatureFileError(f"{folder} mixes features of different {what} ({parts}). "
+                                   "Put each encoder's features in its own folder.")
+    m0 = next(iter(metas.values()))
+    return FeatureSet(metas, m0.dim, m0.encoder, m0.weights)
+
+
+class BagStore:
+    """Loads whole bags on demand and keeps the most recently used ones up to `cache_bytes`.
+
+    Bags keep their stored dtype in the cache (float16 files cost half); callers get float32.
+    Every bag is checked for NaN/Inf the first time it is read.
+    """
+
+    def __init__(self, metas: dict[str, FeaturesMeta], cache_bytes: int):
+        self.metas = metas
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._checked: set[str] = set()
+
+    def n_patches(self, slide_id: str) -> int:
+        return self.metas[slide_id].n
+
+    def get(self, slide_id: str) -> np.ndarray:
+        x = self._cache.get(slide_id)
+        if x is not None:
+            self._cache.move_to_end(slide_id)
+            return x.astype(np.float32, copy=False)
+        m = self.metas[slide_id]
+        x = read_features(m.path, m.key)
+        if slide_id not in self._checked:
+            if not np.isfinite(x).all():
+                bad = int((~np.isfinite(x)).any(axis=1).sum())
+                raise FeatureFileError(f"{m.path}: {bad} of {len(x)} patches have NaN/Inf "
+                                       "features; re-extract this slide (e.g. with "
+                                       "--precision fp32 --overwrite)")
+            self._checked.add(slide_id)
+        if x.nbytes <= self.cache_bytes:
+            self._cache[slide_id] = x
+            self.cached_bytes += x.nbytes
+            while self.cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self.cached_bytes -= old.nbytes
+        return x.astype(np.float32, copy=False)
+
+    def sample(self, slide_id: str, bag_size: int | None, rng: np.random.Generator) -> np.ndarray:
+        """All patches, or `bag_size` of them drawn without replacement (training bags)."""
+        x = self.get(slide_id)
+        if bag_size is None or len(x) <= bag_size:
+            return x
+        return x[np.sort(rng.choice(len(x), bag_size, replace=False))]
+
+
+def feature_stats(store: BagStore, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over every patch of `slide_ids` (the training split only)."""
+    dim = next(iter(store.metas.values())).dim
+    s, ss, n = np.zeros(dim), np.zeros(dim), 0
+    for sid in slide_ids:
+        x = store.get(sid).astype(np.float64)
+        s += x.sum(0)
+        ss += (x * x).sum(0)
+        n += len(x)
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
+    return mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)

@@ -1,0 +1,129 @@
+"""`wsi-embed classify`: apply a trained model to a features folder; write predictions,
+per-patch attention, and (given the slides) heatmaps, top/bottom patches and QuPath GeoJSON.
+
+One slide's bad file is a row in the report, never the end of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bags import BagStore, scan_features
+from .batch import Report, UsageError, discover
+from .devices import pick_device
+from .h5io import FeatureFileError, atomic_h5, read_patch_coords, set_attrs, write_coords_dataset
+from .slide_model import ModelError, load_model, predict_bag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    features: Path
+    model: Path
+    out: Path
+    slides: Path | None = None
+    top_k: int = 8
+    device: str = "auto"
+
+
+def check_compatible(spec, fs, features: Path) -> None:
+    """Refuse features the model was not trained on (dim, encoder, weights)."""
+    if fs.dim != spec.in_dim:
+        raise ModelError(f"features in {features} are {fs.dim}-d but the model was trained on "
+                         f"{spec.in_dim}-d features ({spec.encoder or 'unknown encoder'}); "
+                         "use features from the model's encoder")
+    for what, have, want in (("encoder", fs.encoder, spec.encoder),
+                             ("weights", fs.weights, spec.weights)):
+        if have != want:
+            raise ModelError(f"features in {features} come from {what} {have!r} but the model "
+                             f"was trained on {what} {want!r}; extract features with the "
+                             "same encoder and weights as the training features")
+
+
+def attention_path(out: Path, slide_id: str) -> Path:
+    return out / "attention" / f"{slide_id}.h5"
+
+
+def write_attention(path: Path, coords: np.ndarray, coords_attrs: dict, attention, patch_probs,
+                    probs: np.ndarray, classes: list[str], head: str) -> None:
+    with atomic_h5(path) as f:
+        set_attrs(f, {"schema": "wsi-embed/attention/1", "head": head,
+                      "classes": np.array(classes, dtype=object),
+                      "prediction": classes[int(probs.argmax())],
+                      "probabilities": probs.astype(np.float32)})
+        write_coords_dataset(f, coords, coords_attrs)
+        if attention is not None:
+            f.create_dataset("attention", data=attention.astype(np.float32))
+        if patch_probs is not None:
+            f.create_dataset("patch_probabilities", data=patch_probs.astype(np.float32))
+
+
+def _slide_paths(folder: Path) -> dict[str, Path]:
+    try:
+        return {j.slide_id: j.path for j in discover([folder], recursive=True)}
+    except UsageError as e:
+        raise FeatureFileError(f"--slides: {e}") from None
+
+
+def run_classify(cfg: ClassifyConfig) -> dict[str, int]:
+    device = pick_device(cfg.device)
+    model, _ = load_model(cfg.model, device)
+    spec = model.spec
+    fs = scan_features(cfg.features)
+    check_compatible(spec, fs, cfg.features)
+    slides = _slide_paths(cfg.slides) if cfg.slides else {}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    store = BagStore(fs.metas, cache_bytes=0)  # each bag is used once
+    columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in spec.classes),
+               "status", "error"]
+    report = Report(cfg.out / "predictions.csv", columns)
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    try:
+        for sid in sorted(fs.metas):
+            row = {"slide_id": sid, "n_patches": fs.metas[sid].n}
+            try:
+                row |= _classify_one(sid, fs.metas[sid].path, store, model, device, cfg,
+                                     slides.get(sid))
+                counts[row["status"]] += 1
+            except Exception as e:  # noqa: BLE001 - one slide never stops the run
+                row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                counts["failed"] += 1
+                log.error("%s failed: %s", sid, row["error"])
+            report.add(row)
+    finally:
+        report.close()
+    if cfg.slides:
+        missing = sorted(set(fs.metas) - set(slides))
+        if missing:
+            log.warning("no slide file in %s for %d slides (no heatmaps): %s", cfg.slides,
+                        len(missing), ", ".join(missing[:10]))
+    return counts
+
+
+def _classify_one(sid, path, store, model, device, cfg, slide_path) -> dict:
+    spec = model.spec
+    if store.n_patches(sid) == 0:
+        return {"status": "failed", "error": "no patches (no tissue found); nothing to classify"}
+    probs, attn, patch_probs = predict_bag(model, store.get(sid), device)
+    coords, coords_attrs = read_patch_coords(path)
+    if len(coords) != store.n_patches(sid):
+        log.warning("%s: %d coords for %d patches; no attention map", path, len(coords),
+                    store.n_patches(sid))
+        coords = np.zeros((0, 2), np.int64)
+    write_attention(attention_path(cfg.out, sid), coords, coords_attrs, attn, patch_probs,
+                    probs, spec.classes, spec.head)
+    row = {"prediction": spec.classes[int(probs.argmax())], "status": "ok", "error": ""}
+    row |= {f"prob_{c}": f"{p:.6f}" for c, p in zip(spec.classes, probs, strict=True)}
+    if slide_path is not None and len(coords):
+        from .viz import slide_figures
+
+        warn = slide_figures(cfg.out, sid, slide_path, coords, coords_attrs, attn, patch_probs,
+                             probs, spec.classes, cfg.top_k)
+        if warn:
+            row["error"] = warn
+    return row

@@ -1,0 +1,32 @@
+"""Slide-level MIL heads. Each takes a padded batch of bags `x` (B, N, D) with a boolean
+`mask` (B, N) (True = a real patch) and returns a `HeadOutput`. One file per head; the table
+below is the only place that names them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .abmil import ABMIL
+from .base import HeadOutput, masked_softmax
+from .clam_sb import CLAMSB
+from .mean import MeanMIL
+from .resampler import Resampler
+from .transmil import TransMIL
+
+HEADS: dict[str, type[nn.Module]] = {
+    "abmil": ABMIL,
+    "resampler": Resampler,
+    "transmil": TransMIL,
+    "clam-sb": CLAMSB,
+    "mean": MeanMIL,
+}
+
+
+def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) -> nn.Module:
+    """A head by name, for `in_dim` features and `n_classes` outputs."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+    return HEADS[name](in_dim, n_classes, dropout=dropout)
+
+
+__all__ = ["HEADS", "HeadOutput", "build_head", "masked_softmax"]

@@ -1,0 +1,369 @@
+"""`wsi-embed train`: slide-level heads on features files, with patient-level stratified
+cross-validation, early stopping, and a final model trained on every labelled slide.
+
+Reproducible: the same seed, data and device give the same metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    roc_auc_score,
+)
+from sklearn.model_selection import StratifiedGroupKFold
+
+from .bags import BagStore, FeatureSet, feature_stats
+from .devices import pick_device
+from .h5io import tmp_path
+from .heads import HEADS
+from .slide_model import ModelSpec, SlideModel, predict_bag, save_model
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test"}
+
+
+class TrainError(Exception):
+    """Bad training input; the message names the file or option and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path
+    head: str = "abmil"
+    folds: int = 5
+    epochs: int = 30
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    bag_size: int | None = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    patience: int = 5
+    dropout: float = 0.25
+    cache_gb: float = 8.0
+
+
+@dataclass
+class LabelTable:
+    slide_ids: list[str]
+    y: np.ndarray  # class index per slide
+    patients: list[str]
+    splits: list[str] | None  # train/val/test per slide when the CSV has a split column
+    classes: list[str]
+
+
+# -- labels and splits --------------------------------------------------------------------
+def _class_order(labels: list[str]) -> list[str]:
+    """Numeric labels sort as numbers (0, 1, 2, 10), others alphabetically."""
+    uniq = sorted(set(labels))
+    try:
+        return sorted(uniq, key=float)
+    except ValueError:
+        return uniq
+
+
+def read_labels(path: Path, fs: FeatureSet) -> LabelTable:
+    """The labelled slides that have features (with non-empty bags). Slides without features
+    are listed in a warning and skipped; features without labels are counted and ignored."""
+    if not path.is_file():
+        raise TrainError(f"--labels {path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in ("slide_id", "label") if c not in cols]
+        if missing:
+            raise TrainError(f"{path}: no {' or '.join(repr(c) for c in missing)} column "
+                             f"(columns: {', '.join(cols) or 'none'}); expected "
+                             "slide_id,label[,patient_id][,split]")
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    has_split = "split" in cols
+    seen: dict[str, str] = {}
+    no_features, empty, kept = [], [], []
+    for i, r in enumerate(rows, start=2):
+        sid, label = r["slide_id"], r["label"]
+        if not sid or not label:
+            raise TrainError(f"{path} line {i}: empty slide_id or label")
+        if sid in seen:
+            if seen[sid] != label:
+                raise TrainError(f"{path}: slide {sid!r} has two labels "
+                                 f"({seen[sid]!r}, {label!r})")
+            continue
+        seen[sid] = label
+        if sid not in fs.metas:
+            no_features.append(sid)
+        elif fs.metas[sid].n == 0:
+            empty.append(sid)
+        else:
+            kept.append(r)
+    if no_features:
+        log.warning("%d labelled slides have no features file and are skipped: %s%s",
+                    len(no_features), ", ".join(no_features[:10]),
+                    " ..." if len(no_features) > 10 else "")
+    if empty:
+        log.warning("%d labelled slides have no patches (no tissue) and are skipped: %s",
+                    len(empty), ", ".join(empty[:10]))
+    unlabelled = len(set(fs.metas) - set(seen))
+    if unlabelled:
+        log.info("%d features files have no label and are ignored", unlabelled)
+    if not kept:
+        raise TrainError(f"none of the slide ids in {path} has a features file; ids are the "
+                         "features files' names without .h5")
+    labels = [r["label"] for r in kept]
+    classes = _class_order(labels)
+    if len(classes) < 2:
+        raise TrainError(f"{path}: only one class ({classes[0]!r}) among the slides with "
+                         "features; a classifier needs at least two")
+    splits = None
+    if has_split:
+        bad = sorted({r["split"] for r in kept if r["split"].lower() not in SPLIT_NAMES})
+        if bad:
+            raise TrainError(f"{path}: split values must be train, val or test; found "
+                             f"{', '.join(map(repr, bad))}")
+        splits = [SPLIT_NAMES[r["split"].lower()] for r in kept]
+    index = {c: i for i, c in enumerate(classes)}
+    return LabelTable([r["slide_id"] for r in kept], np.array([index[c] for c in labels]),
+                      [r.get("patient_id") or r["slide_id"] for r in kept], splits, classes)
+
+
+def _group_split(idx: np.ndarray, t: LabelTable, n_splits: int, seed: int):
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    groups = [t.patients[i] for i in idx]
+    return [(idx[a], idx[b]) for a, b in sgkf.split(idx, t.y[idx], groups)]
+
+
+def _patients_per_class(idx: np.ndarray, t: LabelTable) -> dict[str, int]:
+    return {c: len({t.patients[i] for i in idx if t.y[i] == k})
+            for k, c in enumerate(t.classes)}
+
+
+def _train_val(idx: np.ndarray, t: LabelTable, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out about 1/5 of `idx` (by patient, stratified) for early stopping."""
+    fewest = min(_patients_per_class(idx, t).values())
+    if fewest < 2:
+        raise TrainError("a class has fewer than 2 patients in a training split, too few to "
+                         "hold out validation slides; use fewer --folds or more slides")
+    return _group_split(idx, t, min(5, fewest), seed + 1)[0]
+
+
+def make_splits(t: LabelTable, folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """train/val/test slide ids per fold: the CSV's split column, or patient-level
+    stratified k-fold with a validation part carved from each training part."""
+    ids = np.array(t.slide_ids)
+    if t.splits is not None:
+        parts = {p: ids[[s == p for s in t.splits]].tolist() for p in ("train", "val", "test")}
+        if not parts["train"] or not parts["val"]:
+            raise TrainError("the split column needs 'train' and 'val' slides")
+        return [parts]
+    if folds < 2:
+        raise TrainError("--folds must be at least 2 (or give a split column in the CSV)")
+    per_class = _patients_per_class(np.arange(len(ids)), t)
+    if min(per_class.values()) < folds:
+        raise TrainError(f"too few patients for {folds} stratified folds: "
+                         + ", ".join(f"class {c!r} has {n}" for c, n in per_class.items())
+                         + f"; use --folds {max(2, min(per_class.values()))} or fewer")
+    out = []
+    for rest, test in _group_split(np.arange(len(ids)), t, folds, seed):
+        tr, va = _train_val(rest, t, seed)
+        out.append({"train": ids[tr].tolist(), "val": ids[va].tolist(),
+                    "test": ids[test].tolist()})
+    return out
+
+
+# -- fitting ------------------------------------------------------------------------------
+def pad_bags(bags: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(b) for b in bags)
+    x = torch.zeros(len(bags), n, bags[0].shape[1])
+    mask = torch.zeros(len(bags), n, dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, : len(b)] = torch.from_numpy(b)
+        mask[i, : len(b)] = True
+    return x.to(device), mask.to(device)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def predict_ids(model: SlideModel, store: BagStore, ids: list[str], device) -> np.ndarray:
+    return np.stack([predict_bag(model, store.get(s), device)[0] for s in ids])
+
+
+def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
+        cfg: TrainConfig, seed: int, device: torch.device, desc: str) -> tuple[SlideModel, dict]:
+    """Train on split['train'], early-stop on split['val']; returns the best model."""
+    label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
+    train_ids, val_ids = split["train"], split["val"]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mean, std = feature_stats(store, train_ids)
+    model = SlideModel(spec, mean, std).to(device)
+    y_train = np.array([label[s] for s in train_ids])
+    cw = class_weights(y_train, len(t.classes)).to(device)
+    y_val = torch.tensor([label[s] for s in val_ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(train_ids) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs * steps))
+    best = {"val_loss": math.inf, "epoch": -1, "state": None}
+    history = []
+    bar = _epoch_bar(cfg.epochs, desc)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(train_ids))
+        total = 0.0
+        for s in range(steps):
+            ids = [train_ids[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
+            x, mask = pad_bags([store.sample(i, cfg.bag_size, rng) for i in ids], device)
+            y = torch.tensor([label[i] for i in ids], device=device)
+            out = model(x, mask, y)
+            loss = F.cross_entropy(out.logits, y, weight=cw)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(ids)
+        probs = torch.from_numpy(predict_ids(model, store, val_ids, device))
+        val_loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_val, weight=cw.cpu()))
+        history.append({"epoch": epoch, "train_loss": total / len(train_ids),
+                        "val_loss": val_loss})
+        log.debug("%s epoch %d: train loss %.4f, val loss %.4f", desc, epoch,
+                  total / len(train_ids), val_loss)
+        if bar is not None:
+            bar.set_postfix(train=f"{total / len(train_ids):.3f}", val=f"{val_loss:.3f}")
+            bar.update()
+        if val_loss < best["val_loss"] - 1e-6:
+            best = {"val_loss": val_loss, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        elif epoch - best["epoch"] >= cfg.patience:
+            break
+    if bar is not None:
+        bar.close()
+    model.load_state_dict(best["state"])
+    return model.eval(), {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                          "history": history}
+
+
+def _epoch_bar(total: int, desc: str):
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+
+
+# -- metrics and outputs ------------------------------------------------------------------
+def metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
+    """AUC (macro one-vs-rest for ≥3 classes; NaN when y has one class), balanced accuracy,
+    macro F1 and Cohen's kappa."""
+    pred = probs.argmax(1)
+    try:
+        auc = (roc_auc_score(y, probs[:, 1]) if n_classes == 2 else
+               roc_auc_score(y, probs, multi_class="ovr", average="macro",
+                             labels=list(range(n_classes))))
+    except ValueError:
+        auc = float("nan")
+    return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "f1": float(f1_score(y, pred, average="macro")),
+            "kappa": float(cohen_kappa_score(y, pred)), "n": int(len(y))}
+
+
+def summarise(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k in ("auc", "balanced_accuracy", "f1", "kappa"):
+        v = np.array([m[k] for m in per_fold], dtype=np.float64)
+        out[k] = {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+                  "sd": float(np.nanstd(v)) if np.isfinite(v).any() else float("nan")}
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = tmp_path(path)
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_predictions(path: Path, ids: list[str], y: np.ndarray | None, probs: np.ndarray,
+                      classes: list[str], extra: dict | None = None) -> None:
+    """One row per slide: slide_id, [label], prediction, prob_<class>... (atomic)."""
+    tmp, extra = tmp_path(path), extra or {}
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", *extra, *(["label"] if y is not None else []),
+                    "prediction", *(f"prob_{c}" for c in classes)])
+        for i, sid in enumerate(ids):
+            w.writerow([sid, *(v[i] for v in extra.values()),
+                        *([classes[y[i]]] if y is not None else []),
+                        classes[int(probs[i].argmax())], *(f"{p:.6f}" for p in probs[i])])
+    os.replace(tmp, path)
+
+
+def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
+    """Cross-validate, write per-fold models and predictions, metrics, and model.pt."""
+    if cfg.head not in HEADS:
+        raise TrainError(f"unknown --head {cfg.head!r}; choose one of {', '.join(HEADS)}")
+    t = read_labels(labels, fs)
+    splits = make_splits(t, cfg.folds, cfg.seed)
+    device = pick_device(cfg.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec(cfg.head, fs.dim, t.classes, fs.encoder, fs.weights, cfg.dropout)
+    store = BagStore({s: fs.metas[s] for s in t.slide_ids}, int(cfg.cache_gb * 2**30))
+    label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
+    _write_json(cfg.out / "config.json", {**asdict(cfg), "labels": str(labels),
+                                          "model": asdict(spec),
+                                          "n_slides": len(t.slide_ids)})
+    _write_json(cfg.out / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
+    log.info("%d slides, classes %s, %d fold(s), head %s on %s", len(t.slide_ids),
+             t.classes, len(splits), cfg.head, device)
+    per_fold, fits, oof = [], [], []
+    for k, split in enumerate(splits):
+        model, info = fit(store, split, t, spec, cfg, cfg.seed + k, device, f"fold {k}")
+        fold_dir = cfg.out / "folds" / f"fold_{k}"
+        save_model(fold_dir / "model.pt", model, {"fold": k})
+        eval_ids = split["test"] or split["val"]
+        probs = predict_ids(model, store, eval_ids, device)
+        y = np.array([label[s] for s in eval_ids])
+        write_predictions(fold_dir / "predictions.csv", eval_ids, y, probs, t.classes)
+        oof += [(k, s, y[i], probs[i]) for i, s in enumerate(eval_ids)]
+        m = metrics(y, probs, len(t.classes)) | {"fold": k, "evaluated_on":
+                                                 "test" if split["test"] else "val",
+                                                 "best_epoch": info["best_epoch"]}
+        per_fold.append(m)
+        fits.append(info)
+        log.info("fold %d: AUC %.3f, balanced accuracy %.3f (best epoch %d)", k, m["auc"],
+                 m["balanced_accuracy"], info["best_epoch"])
+    write_predictions(cfg.out / "oof_predictions.csv", [o[1] for o in oof],
+                      np.array([o[2] for o in oof]), np.stack([o[3] for o in oof]), t.classes,
+                      {"fold": [o[0] for o in oof]})
+    result = {"folds": per_fold, "summary": summarise(per_fold), "classes": t.classes,
+              "history": [f["history"] for f in fits]}
+    if t.splits is None:
+        tr, va = _train_val(np.arange(len(t.slide_ids)), t, cfg.seed + len(splits))
+        ids = np.array(t.slide_ids)
+        model, _ = fit(store, {"train": ids[tr].tolist(), "val": ids[va].tolist()}, t, spec,
+                       cfg, cfg.seed + len(splits), device, "final")
+    else:  # with a fixed split the one fold's model is the model
+        model = SlideModel(spec)
+        model.load_state_dict(torch.load(cfg.out / "folds" / "fold_0" / "model.pt",
+                                         weights_only=True)["state_dict"])
+    save_model(cfg.out / "model.pt", model)
+    _write_json(cfg.out / "metrics.json", result)
+    return result
