@@ -28,7 +28,10 @@ import torch
 
 from wsi_embed.devices import pick_device
 from wsi_embed.encoders import build_encoder
-from wsi_embed.extract import PRECISIONS, default_batch_size
+from wsi_embed.extract import PRECISIONS, ReaderPool, ReadTask, default_batch_size
+from wsi_embed.fast_reader import choose_reader
+from wsi_embed.h5io import read_coords_file
+from wsi_embed.slides import open_slide
 
 
 def make_slide(path: Path, side: int) -> Path:
@@ -54,6 +57,7 @@ def run_extract(slide: Path, out: Path, args) -> tuple[float, int, float]:
         cmd += ["--precision", args.precision]
     if args.compile:
         cmd += ["--compile"]
+    cmd += ["--reader", args.reader]
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -61,6 +65,38 @@ def run_extract(slide: Path, out: Path, args) -> tuple[float, int, float]:
     with open(out / f"extract_report_{args.encoder}.csv") as fh:
         row = next(csv.DictReader(fh))
     return float(row["patches_per_s"]), int(row["n_patches"]), usage.ru_maxrss / 1024
+
+
+def reading_only(slide: Path, coords: Path, reader: str, num_workers: int,
+                 chunk: int = 64) -> tuple[float, str]:
+    """Patches/s the reader pool delivers into shared memory, with no encoder behind it."""
+    c = read_coords_file(coords)
+    level, ds = int(c.attrs["patch_level"]), float(c.attrs["downsample"])
+    read = round(c.attrs["patch_size_level0"] / ds)
+    with open_slide(slide) as s:
+        choice = choose_reader(s, level, reader)
+        ds = s.level_downsamples[level]
+    n_slots = max(8, 3 * num_workers)
+    pool = ReaderPool(num_workers, chunk, int(c.attrs["patch_size"]), n_slots)
+    tasks = [ReadTask(i, str(slide), level, read, int(c.attrs["patch_size"]),
+                      c.coords[r:r + chunk], r, choice.kind, choice.page, ds)
+             for i, r in enumerate(range(0, len(c.coords), chunk))]
+    t0, inflight = time.perf_counter(), 0
+    for t in tasks:
+        if inflight >= n_slots - 1:
+            _, slot, err = pool.get()
+            assert err is None, err
+            pool.release(slot)
+            inflight -= 1
+        pool.submit(t)
+        inflight += 1
+    for _ in range(inflight):
+        _, slot, err = pool.get()
+        assert err is None, err
+        pool.release(slot)
+    secs = time.perf_counter() - t0
+    pool.close()
+    return len(c.coords) / secs, choice.kind
 
 
 @torch.inference_mode()
@@ -99,9 +135,19 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--small-too", action="store_true")
+    ap.add_argument("--reader", default="auto", help="auto, fast or openslide")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsi-embed-extract-bench-"))
     slide = args.slide or make_slide(work / "big.svs", args.side)
+    for reader in ("openslide", "fast"):  # reading only: no encoder, no GPU
+        coords = work / "out" / "coords" / f"{slide.stem}.h5"
+        if not coords.exists():
+            subprocess.run([sys.executable, "-m", "wsi_embed.cli", "tile", str(slide), "--out",
+                            str(work / "out"), "--tissue", "none", "--num-workers", "0",
+                            "--log-level", "WARNING"], check=True)
+        rate, kind = reading_only(slide, coords, reader, args.num_workers)
+        print(f"reading only, --reader {reader} ({kind}), {args.num_workers} workers: "
+              f"{rate:.0f} patches/s")
     e2e, n, rss = run_extract(slide, work / "out", args)
     line = f"{args.encoder}: {n} patches, end-to-end {e2e:.1f} patches/s, peak RSS {rss:.0f} MB"
     if args.small_too:

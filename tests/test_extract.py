@@ -148,3 +148,32 @@ def test_sigkill_mid_extract_then_resume(tmp_path):
         with h5py.File(fdir / f"k{i}.h5") as f:
             assert f["features"].shape == (36, 384) and np.isfinite(f["features"][:]).all()
     assert not list(fdir.glob(".*"))
+
+
+def test_two_devices_share_the_slides_and_match_one_device(tmp_path, slide_folder):
+    """--devices cpu,cpu: one process per device pulling slides from a shared queue."""
+    feats = {}
+    for name, extra in (("one", ()), ("two", ("--devices", "cpu,cpu"))):
+        out = tmp_path / name
+        r = cli("extract", slide_folder, "--out", out, "--encoder", "ctranspath", "--weights",
+                "random", "--num-workers", "0", "--batch-size", "16", "--device", "cpu",
+                *extra)
+        assert r.exit_code == 0, r.output
+        rows = report(out, "ctranspath")
+        assert sorted(rows) == [f"s{i}" for i in range(5)]  # each slide once
+        assert all(row["status"] == "ok" for row in rows.values())
+        feats[name] = {s: feats_of(out, s) for s in rows}
+    for s, a in feats["one"].items():
+        np.testing.assert_allclose(feats["two"][s], a, rtol=1e-4, atol=1e-4)
+    # a second run finds everything done, whatever device made it
+    r = cli("extract", slide_folder, "--out", tmp_path / "two", "--encoder", "ctranspath",
+            "--weights", "random", "--devices", "cpu,cpu", "--num-workers", "0")
+    assert r.exit_code == 0 and all(row["status"] == "skipped"
+                                    for row in report(tmp_path / "two", "ctranspath").values())
+    r = cli("extract", slide_folder, "--out", tmp_path / "x", "--encoder", "ctranspath",
+            "--devices", "cuda:7")
+    assert r.exit_code == 2 and "cuda:7" in r.output
+
+
+def feats_of(out, slide_id):
+    return feats(out, "ctranspath", slide_id)[0]

@@ -173,6 +173,9 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             coords: Path = typer.Option(None, "--coords",
                                         help="Folder of coords files from `tile` (default OUT)."),
             device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+            devices: str = typer.Option(None, "--devices",
+                                        help="Several devices, one process each: "
+                                             "cuda:0,cuda:1 or 'all' (default: --device)."),
             batch_size: int = typer.Option(None, "--batch-size", help="Default: by device."),
             precision: str = typer.Option(None, "--precision",
                                           help="bf16, fp16 or fp32 (CUDA; CPU is fp32)."),
@@ -190,6 +193,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             log_level: str = LOG_LEVEL) -> None:
     """Per-patch embeddings with a pathology encoder (tiles slides that have no coords)."""
     from .batch import Report
+    from .devices import parse_devices
     from .encoders import EncoderError, get_config
     from .extract import DTYPES, EXTRACT_COLUMNS, PRECISIONS, ExtractConfig, run_extract
     from .fast_reader import READERS
@@ -207,12 +211,16 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
         raise _usage_error(f"--dtype must be one of {', '.join(DTYPES)}")
     if reader not in READERS:
         raise _usage_error(f"--reader must be one of {', '.join(READERS)}")
+    try:
+        device_list = parse_devices(devices, device)
+    except ValueError as e:
+        raise _usage_error(str(e)) from None
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask)
     tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
     cfg = ExtractConfig(out, encoder, weights, device, batch_size, num_workers, precision,
-                        dtype, compile, overwrite, reader=reader)
+                        dtype, compile, overwrite, reader=reader, devices=device_list)
     remove_stale_tmp(out / "features" / encoder)
     report = Report(out / f"extract_report_{encoder}.csv", EXTRACT_COLUMNS)
     try:

@@ -20,10 +20,11 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from .tiling import SlideJob, TileConfig, coords_path, existing_output_status, r
 log = logging.getLogger(__name__)
 
 EXTRACT_COLUMNS = ["slide_id", "path", "status", "n_patches", "seconds", "patches_per_s",
-                   "reader", "error", "warning"]
+                   "reader", "device", "error", "warning"]
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,6 +58,7 @@ class ExtractConfig:
     compile: bool = False
     overwrite: bool = False
     chunk: int = 64  # patches per read task
+    devices: tuple[str, ...] = ()  # several: one process per device
     reader: str = "auto"  # auto, fast (raw TIFF tiles) or openslide
 
 
@@ -232,8 +234,9 @@ class FeatureWriter(threading.Thread):
     """Streams features into each slide's temporary HDF5 and finalises it when complete."""
 
     def __init__(self, cfg: ExtractConfig, dim: int, attrs: dict, report: Report,
-                 counts: dict[str, int]):
+                 counts: dict[str, int], device: str = ""):
         super().__init__(daemon=True)
+        self.device = device
         self.cfg, self.dim, self.attrs, self.report, self.counts = cfg, dim, attrs, report, counts
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
@@ -291,6 +294,7 @@ class FeatureWriter(threading.Thread):
         n = len(st.coords)
         self.counts["ok"] += 1
         self.report.add(report_row(st.job, "ok", st.t0, n_patches=n, reader=st.reader,
+                                   device=self.device,
                                    patches_per_s=round(n / secs, 1) if secs > 0 else "",
                                    warning=st.warning))
         log.info("%s: %d patches in %.1f s (%.0f patches/s)", st.job.slide_id, n, secs,
@@ -388,10 +392,8 @@ def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path |
     return have
 
 
-def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
-                coords_dir: Path | None, report: Report) -> dict[str, int]:
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    device = pick_device(cfg.device)
+def _encoder_setup(cfg: ExtractConfig, device: torch.device, run: bool = True):
+    """The encoder on `device` (None unless `run`) and what the features files record."""
     model, ecfg, weights_id = load_encoder(cfg.encoder, cfg.weights, "cpu")
     precision = "fp32" if device.type == "cpu" else (cfg.precision or ecfg.precision)
     batch = cfg.batch_size or default_batch_size(ecfg, device)
@@ -400,7 +402,19 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
              "interpolation": ecfg.interpolation, "mean": list(ecfg.mean_std[0]),
              "std": list(ecfg.mean_std[1]), "precision": precision,
              "feature_dtype": cfg.dtype}
-    expect = {"encoder": cfg.encoder, "weights": weights_id, "precision": precision}
+    if not run:
+        return None, attrs, batch
+    runner = DeviceRunner(model, ecfg, device, PRECISIONS[precision], batch, cfg.compile)
+    return runner, attrs, batch
+
+
+def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
+                coords_dir: Path | None, report: Report) -> dict[str, int]:
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    devices = cfg.devices or (str(pick_device(cfg.device)),)
+    first = torch.device(devices[0])
+    runner, attrs, batch = _encoder_setup(cfg, first, run=len(devices) == 1)
+    expect = {k: attrs[k] for k in ("encoder", "weights", "precision")}
     todo: list[tuple[SlideJob, Path]] = []
     for job, cpath in ensure_coords(jobs, tile_cfg, coords_dir, report, counts,
                                     cfg.num_workers):
@@ -420,11 +434,81 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
             todo.append((job, cpath))
     if not todo:
         return counts
-    runner = DeviceRunner(model, ecfg, device, PRECISIONS[precision], batch, cfg.compile)
+    if len(devices) > 1:
+        _run_devices(todo, devices, cfg, tile_cfg, report, counts)
+        return counts
     log.info("extracting %d slides with %s (%s, %s weights) on %s, batch %d, %d readers",
-             len(todo), cfg.encoder, precision, weights_id[:20], device, batch, cfg.num_workers)
+             len(todo), cfg.encoder, attrs["precision"], attrs["weights"][:20], first, batch,
+             cfg.num_workers)
     _pipeline(todo, cfg, tile_cfg, runner, batch, attrs, report, counts)
     return counts
+
+
+# -- several devices: one process each, pulling slides from a shared queue ----------------
+class _QueueReport:
+    """Stands in for the Report inside a device process: rows go to the parent."""
+
+    def __init__(self, q):
+        self.q, self.rows = q, []
+
+    def add(self, row: dict) -> None:
+        self.q.put(row)
+
+
+def _device_main(device: str, cfg: ExtractConfig, tile_cfg: TileConfig, job_q, row_q) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(cfg.devices))))
+    runner, attrs, batch = _encoder_setup(cfg, torch.device(device))
+
+    def pull():
+        while (item := job_q.get()) is not None:
+            yield item
+
+    _pipeline(pull(), cfg, tile_cfg, runner, batch, attrs, _QueueReport(row_q),
+              {"ok": 0, "skipped": 0, "failed": 0})
+
+
+def _n_patches(cpath: Path) -> int:
+    try:
+        with h5py.File(cpath, "r") as f:
+            return int(f["coords"].shape[0])
+    except (OSError, KeyError):
+        return 0
+
+
+def _run_devices(todo, devices, cfg: ExtractConfig, tile_cfg: TileConfig, report: Report,
+                 counts: dict[str, int]) -> None:
+    """Largest slides first, so the last slide to finish is a small one."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    job_q, row_q = ctx.Queue(), ctx.Queue()
+    for item in sorted(todo, key=lambda t: -_n_patches(t[1])):
+        job_q.put(item)
+    for _ in devices:
+        job_q.put(None)
+    sub = replace(cfg, num_workers=cfg.num_workers // len(devices))
+    log.info("extracting %d slides on %d devices (%s), %d readers each", len(todo),
+             len(devices), ", ".join(devices), sub.num_workers)
+    procs = [ctx.Process(target=_device_main, args=(d, sub, tile_cfg, job_q, row_q))
+             for d in devices]
+    for p in procs:
+        p.start()
+    seen: set[str] = set()
+    while len(seen) < len(todo):
+        try:
+            row = row_q.get(timeout=2.0)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        seen.add(row["slide_id"])
+        counts[row["status"] if row["status"] in counts else "failed"] += 1
+        report.add(row)
+    for p in procs:
+        p.join()
+    for job, _ in todo:  # slides a crashed device process took with it
+        if job.slide_id not in seen:
+            counts["failed"] += 1
+            report.add(report_row(job, "failed", time.perf_counter(),
+                                  error="device process died; rerun to retry"))
 
 
 def _load_state(job: SlideJob, cpath: Path) -> SlideState:
@@ -447,7 +531,7 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
     patch = tile_cfg.params.patch_size
     n_slots = max(8, 3 * cfg.num_workers) + 2 * math.ceil(batch / chunk)
     pool = ReaderPool(cfg.num_workers, chunk, patch, n_slots)
-    writer = FeatureWriter(cfg, runner.cfg.dim, attrs, report, counts)
+    writer = FeatureWriter(cfg, runner.cfg.dim, attrs, report, counts, str(runner.device))
     writer.start()
     pinned = runner.device.type == "cuda"
     bufs = [torch.empty((batch, patch, patch, 3), dtype=torch.uint8, pin_memory=pinned)
