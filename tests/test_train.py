@@ -47,9 +47,12 @@ def test_every_head_finds_the_witnesses(binary, tmp_path, head):
     splits = json.loads((out / "splits.json").read_text())
     test_ids = [s for f in splits.values() for s in f["test"]]
     assert sorted(test_ids) == sorted(binary.labels)  # each slide tested exactly once
+    patient = {r["slide_id"]: r["patient_id"] for r in read_csv(binary.labels_csv)}
+    assert len(set(patient.values())) < len(patient)  # patients with two slides exist
     for f in splits.values():  # patient-level: no patient on both sides
-        patients = {p: {s.rsplit("_", 0)[0] for s in f[p]} for p in ("train", "test")}
+        patients = {p: {patient[s] for s in f[p]} for p in ("train", "val", "test")}
         assert not patients["train"] & patients["test"]
+        assert not patients["train"] & patients["val"]
 
     # the model saved for fold 0 gives the same numbers through `classify`
     fold = out / "folds" / "fold_0"
