@@ -28,10 +28,15 @@ import torch
 
 from wsi_embed.devices import pick_device
 from wsi_embed.encoders import build_encoder
-from wsi_embed.extract import PRECISIONS, ReaderPool, ReadTask, default_batch_size
-from wsi_embed.fast_reader import choose_reader
+from wsi_embed.extract import (
+    PRECISIONS,
+    ReaderPool,
+    default_batch_size,
+    prepare_slide,
+    read_tasks,
+)
 from wsi_embed.h5io import read_coords_file
-from wsi_embed.slides import open_slide
+from wsi_embed.tiling import SlideJob
 
 
 def make_slide(path: Path, side: int) -> Path:
@@ -70,17 +75,11 @@ def run_extract(slide: Path, out: Path, args) -> tuple[float, int, float]:
 def reading_only(slide: Path, coords: Path, reader: str, num_workers: int,
                  chunk: int = 64) -> tuple[float, str]:
     """Patches/s the reader pool delivers into shared memory, with no encoder behind it."""
-    c = read_coords_file(coords)
-    level, ds = int(c.attrs["patch_level"]), float(c.attrs["downsample"])
-    read = round(c.attrs["patch_size_level0"] / ds)
-    with open_slide(slide) as s:
-        choice = choose_reader(s, level, reader)
-        ds = s.level_downsamples[level]
+    patch = int(read_coords_file(coords).attrs["patch_size"])
+    st = prepare_slide(SlideJob(slide, slide.stem), coords, patch, reader)
     n_slots = max(8, 3 * num_workers)
-    pool = ReaderPool(num_workers, chunk, int(c.attrs["patch_size"]), n_slots)
-    tasks = [ReadTask(i, str(slide), level, read, int(c.attrs["patch_size"]),
-                      c.coords[r:r + chunk], r, choice.kind, choice.page, ds)
-             for i, r in enumerate(range(0, len(c.coords), chunk))]
+    pool = ReaderPool(num_workers, chunk, patch, n_slots)
+    tasks = list(read_tasks(st, chunk, patch))
     t0, inflight = time.perf_counter(), 0
     for t in tasks:
         if inflight >= n_slots - 1:
@@ -96,7 +95,7 @@ def reading_only(slide: Path, coords: Path, reader: str, num_workers: int,
         pool.release(slot)
     secs = time.perf_counter() - t0
     pool.close()
-    return len(c.coords) / secs, choice.kind
+    return len(st.coords) / secs, st.reader
 
 
 @torch.inference_mode()

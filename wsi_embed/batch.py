@@ -152,11 +152,12 @@ class Report:
             os.replace(self.tmp, self.path)
 
 
-def _progress(total: int, desc: str):
+def progress_bar(total: int, desc: str, unit: str = "slide", leave: bool = True):
+    """A tqdm bar on a terminal; None otherwise (batch logs stay plain lines)."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="slide")
+        return tqdm(total=total, desc=desc, unit=unit, leave=leave)
     return None
 
 
@@ -165,7 +166,7 @@ def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: Repo
     """Run `fn` on each slide (in `num_workers` processes; 0 = in this process) and record one
     row per slide. `fn` turns its own errors into rows; a crashed worker is retried alone."""
     counts = {"ok": 0, "skipped": 0, "failed": 0}
-    bar = _progress(len(jobs), desc)
+    bar = progress_bar(len(jobs), desc)
 
     def record(row: dict) -> None:
         counts[row["status"] if row["status"] in counts else "failed"] += 1

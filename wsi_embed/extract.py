@@ -83,9 +83,8 @@ class ReadTask:
     patch_size: int
     coords: np.ndarray  # (n, 2) level-0
     row0: int
-    reader: str = "openslide"
-    page: int = -1  # the TIFF page of `level` (fast reader)
-    downsample: float = 1.0
+    page: int = -1  # ≥ 0: read raw tiles of this TIFF page (fast reader); else OpenSlide
+    downsample: float = 1.0  # of `level`, for the fast reader's level-0 → level mapping
 
 
 class PatchReader:
@@ -97,11 +96,11 @@ class PatchReader:
         self.max_open = max_open
 
     def _handle(self, t: ReadTask) -> Slide | TiffTileReader:
-        key = (t.path, t.reader, t.page)
+        key = (t.path, t.page)
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key]
-        h = TiffTileReader(t.path, t.page) if t.reader == "fast" else open_slide(t.path)
+        h = TiffTileReader(t.path, t.page) if t.page >= 0 else open_slide(t.path)
         self._open[key] = h
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -110,7 +109,7 @@ class PatchReader:
     def read_into(self, t: ReadTask, out: np.ndarray) -> None:
         h = self._handle(t)
         for i, (x, y) in enumerate(t.coords):
-            if t.reader == "fast":
+            if t.page >= 0:
                 region = h.read_level0(int(x), int(y), t.downsample, t.read_size,
                                        t.read_size)
             else:
@@ -227,7 +226,11 @@ class SlideState:
     failed: str = ""
     warning: str = ""
     done: bool = False
-    reader: str = ""
+    reader: str = ""  # the reader and why, for the report
+    level: int = 0
+    read_size: int = 0
+    page: int = -1
+    downsample: float = 1.0
 
 
 class FeatureWriter(threading.Thread):
@@ -449,7 +452,7 @@ class _QueueReport:
     """Stands in for the Report inside a device process: rows go to the parent."""
 
     def __init__(self, q):
-        self.q, self.rows = q, []
+        self.q = q
 
     def add(self, row: dict) -> None:
         self.q.put(row)
@@ -511,12 +514,33 @@ def _run_devices(todo, devices, cfg: ExtractConfig, tile_cfg: TileConfig, report
                                   error="device process died; rerun to retry"))
 
 
-def _load_state(job: SlideJob, cpath: Path) -> SlideState:
+def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str) -> SlideState:
+    """A slide's coords, the level and size to read, and the reader that reads them."""
     c = h5io.read_coords_file(cpath)
     root = {k: v for k, v in c.root.items() if k != "schema"}
     root.setdefault("slide_path", str(job.path.resolve()))
     warning = "" if len(c.coords) else "no patches in the coords file: empty features file"
-    return SlideState(job, c.coords, c.attrs, root, len(c.coords), warning=warning)
+    st = SlideState(job, c.coords, c.attrs, root, len(c.coords), warning=warning)
+    geom = c.attrs
+    if int(geom["patch_size"]) != patch:
+        raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
+                         f"this run {patch}: re-tile or pass --patch-size")
+    st.level = int(geom["patch_level"])
+    st.read_size = int(geom.get("read_size") or round(geom["patch_size_level0"]
+                                                      / geom["downsample"]))
+    if len(c.coords):
+        with open_slide(job.path) as slide:
+            choice = choose_reader(slide, st.level, reader)
+            st.downsample = slide.level_downsamples[st.level]
+        st.reader, st.page = f"{choice.kind} ({choice.reason})", choice.page
+    return st
+
+
+def read_tasks(st: SlideState, chunk: int, patch: int, first_id: int = 0):
+    """The slide's read tasks, `chunk` patches each, ids counting from `first_id`."""
+    for i, row0 in enumerate(range(0, len(st.coords), chunk)):
+        yield ReadTask(first_id + i, str(st.job.path), st.level, st.read_size, patch,
+                       st.coords[row0 : row0 + chunk], row0, st.page, st.downsample)
 
 
 @dataclass
@@ -606,22 +630,9 @@ def _task_stream(todo, chunk: int, patch: int, reader: str, writer: FeatureWrite
     for job, cpath in todo:
         t0 = time.perf_counter()
         try:
-            st = _load_state(job, cpath)
+            st = prepare_slide(job, cpath, patch, reader)
             st.t0 = t0
             states.append(st)
-            geom = st.coords_attrs
-            level = int(geom["patch_level"])
-            read = int(geom.get("read_size") or round(geom["patch_size_level0"]
-                                                      / geom["downsample"]))
-            if int(geom["patch_size"]) != patch:
-                raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
-                                 f"this run {patch}: re-tile or pass --patch-size")
-            page, downsample = -1, float(geom["downsample"])
-            if len(st.coords):
-                with open_slide(job.path) as slide:
-                    choice = choose_reader(slide, level, reader)
-                    downsample = slide.level_downsamples[level]
-                st.reader, page = f"{choice.kind} ({choice.reason})", choice.page
         except Exception as e:
             st = SlideState(job, np.zeros((0, 2), np.int64), {}, {}, 0, t0=t0)
             writer.q.put(("fail", st, f"before reading: {e}"))
@@ -629,10 +640,8 @@ def _task_stream(todo, chunk: int, patch: int, reader: str, writer: FeatureWrite
         if len(st.coords) == 0:
             writer.q.put(("empty", st, None))
             continue
-        for row0 in range(0, len(st.coords), chunk):
+        for task in read_tasks(st, chunk, patch, task_id):
             if st.failed:
                 break
-            yield ReadTask(task_id, str(job.path), level, read, patch,
-                           st.coords[row0 : row0 + chunk], row0, choice.kind, page,
-                           downsample), st
+            yield task, st
             task_id += 1

@@ -59,6 +59,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def atomic_file(final: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path to write `final` to; renamed into place on clean exit, deleted on
+    error. `suffix` keeps an extension for writers that choose the format by name (PNG)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(final).with_name(tmp_path(final).name + suffix)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
 class AtomicH5:
     """An HDF5 file under a temporary name until `commit()` renames it into place;
     `abort()` (or an exception in a `with` block) deletes it."""

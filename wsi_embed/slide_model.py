@@ -4,7 +4,6 @@ split, and what it was trained on (classes, feature encoder, weights, dim). `tra
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .h5io import tmp_path
+from .h5io import atomic_file
 from .heads import HeadOutput, build_head
 
 MODEL_FORMAT = "wsi-embed/model/1"
@@ -54,12 +53,10 @@ class SlideModel(nn.Module):
 
 def save_model(path: Path, model: SlideModel, extra: dict | None = None) -> None:
     """Write atomically: a killed run never leaves a half-written model.pt."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": MODEL_FORMAT, "wsi_embed_version": __version__,
             "spec": asdict(model.spec), "state_dict": model.state_dict(), **(extra or {})}
-    tmp = tmp_path(path)
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(blob, tmp)
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[SlideModel, dict]:
@@ -80,7 +77,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[SlideMod
 @torch.inference_mode()
 def predict_bag(model: SlideModel, x: np.ndarray, device: torch.device | str = "cpu"
                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Class probabilities (C,), attention (N,) or (C, N) or None, and per-patch class
+    """Class probabilities (C,), attention (N,) or None, and per-patch class
     probabilities (N, C) or None, for one whole bag."""
     model.eval()
     t = torch.as_tensor(x, dtype=torch.float32, device=device).unsqueeze(0)

@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +25,9 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .bags import BagStore, FeatureSet, feature_stats
+from .batch import progress_bar
 from .devices import pick_device
-from .h5io import tmp_path
+from .h5io import atomic_file
 from .heads import HEADS
 from .slide_model import ModelSpec, SlideModel, predict_bag, save_model
 
@@ -221,7 +221,7 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs * steps))
     best = {"val_loss": math.inf, "epoch": -1, "state": None}
     history = []
-    bar = _epoch_bar(cfg.epochs, desc)
+    bar = progress_bar(cfg.epochs, desc, unit="epoch", leave=False)
     for epoch in range(cfg.epochs):
         model.train()
         order = rng.permutation(len(train_ids))
@@ -260,16 +260,6 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
                           "history": history}
 
 
-def _epoch_bar(total: int, desc: str):
-    import sys
-
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
-
-
 # -- metrics and outputs ------------------------------------------------------------------
 def metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
     """AUC (macro one-vs-rest for ≥3 classes; NaN when y has one class), balanced accuracy,
@@ -296,16 +286,15 @@ def summarise(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_predictions(path: Path, ids: list[str], y: np.ndarray | None, probs: np.ndarray,
                       classes: list[str], extra: dict | None = None) -> None:
     """One row per slide: slide_id, [label], prediction, prob_<class>... (atomic)."""
-    tmp, extra = tmp_path(path), extra or {}
-    with open(tmp, "w", newline="") as fh:
+    extra = extra or {}
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", *extra, *(["label"] if y is not None else []),
                     "prediction", *(f"prob_{c}" for c in classes)])
@@ -313,7 +302,6 @@ def write_predictions(path: Path, ids: list[str], y: np.ndarray | None, probs: n
             w.writerow([sid, *(v[i] for v in extra.values()),
                         *([classes[y[i]]] if y is not None else []),
                         classes[int(probs[i].argmax())], *(f"{p:.6f}" for p in probs[i])])
-    os.replace(tmp, path)
 
 
 def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
@@ -355,15 +343,11 @@ def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
                       {"fold": [o[0] for o in oof]})
     result = {"folds": per_fold, "summary": summarise(per_fold), "classes": t.classes,
               "history": [f["history"] for f in fits]}
-    if t.splits is None:
+    if t.splits is None:  # with a fixed split the one fold's model is the model
         tr, va = _train_val(np.arange(len(t.slide_ids)), t, cfg.seed + len(splits))
         ids = np.array(t.slide_ids)
         model, _ = fit(store, {"train": ids[tr].tolist(), "val": ids[va].tolist()}, t, spec,
                        cfg, cfg.seed + len(splits), device, "final")
-    else:  # with a fixed split the one fold's model is the model
-        model = SlideModel(spec)
-        model.load_state_dict(torch.load(cfg.out / "folds" / "fold_0" / "model.pt",
-                                         weights_only=True)["state_dict"])
     save_model(cfg.out / "model.pt", model)
     _write_json(cfg.out / "metrics.json", result)
     return result

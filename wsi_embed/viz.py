@@ -4,13 +4,12 @@ patches, and QuPath GeoJSON."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .h5io import tmp_path
+from .h5io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +20,9 @@ PEN_BGR = (0, 0, 255)
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB image atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path).with_suffix(".png")
-    if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1])):
-        raise OSError(f"cannot write {path}")
-    os.replace(tmp, path)
+    with atomic_file(path, ".png") as tmp:
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1])):
+            raise OSError(f"cannot write {path}")
 
 
 def save_tiling_overlay(path: Path, res) -> None:
@@ -48,12 +45,11 @@ GRID_PX = 160
 
 
 def patch_scores(attn, patch_probs, probs) -> tuple[np.ndarray, str]:
-    """The per-patch score to map: attention (of the predicted class where the head has one
-    per class), else the patch-level probability of the predicted class."""
-    pred = int(np.argmax(probs))
+    """The per-patch score to map: attention, else (heads without it) the patch-level
+    probability of the predicted class."""
     if attn is not None:
-        return (attn[pred] if attn.ndim == 2 else attn), "attention"
-    return patch_probs[:, pred], "patch probability"
+        return attn, "attention"
+    return patch_probs[:, int(np.argmax(probs))], "patch probability"
 
 
 def rank_normalise(x: np.ndarray) -> np.ndarray:
@@ -132,10 +128,8 @@ def write_geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict
                       "properties": {"objectType": "tile", "name": f"{name} patch {i}",
                                      "measurements": dict(zip(keys, cols[i].round(6).tolist(),
                                                               strict=True))}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
 def slide_figures(out: Path, sid: str, slide_path: Path, coords: np.ndarray, coords_attrs: dict,

@@ -29,8 +29,13 @@ class ABMIL(nn.Module):
         self.attn = GatedAttention(hidden, attn_dim, dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
+    def pool(self, x: torch.Tensor, mask: torch.Tensor):
+        """Patch embeddings h (B, N, hidden), attention (B, N) and the slide logits."""
         h = self.proj(x)
-        a = masked_softmax(self.attn(h).squeeze(-1), mask)  # (B, N)
+        a = masked_softmax(self.attn(h).squeeze(-1), mask)
         slide = torch.bmm(a.unsqueeze(1), h).squeeze(1)
-        return HeadOutput(self.classifier(slide), a, patch_logits=self.classifier(h))
+        return h, a, self.classifier(slide)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
+        h, a, logits = self.pool(x, mask)
+        return HeadOutput(logits, a, patch_logits=self.classifier(h))

@@ -10,8 +10,8 @@ import torch
 @dataclass
 class HeadOutput:
     logits: torch.Tensor  # (B, C)
-    #: per-patch attention (B, N), or (B, C, N) for per-class attention; None if the head
-    #: has none. Padded positions are 0.
+    #: per-patch attention (B, N), summing to 1 over real patches; None if the head has
+    #: none. Padded positions are 0.
     attention: torch.Tensor | None = None
     #: per-patch class logits (B, N, C) where the head has an instance-level classifier
     patch_logits: torch.Tensor | None = None

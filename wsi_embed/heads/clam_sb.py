@@ -7,31 +7,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .abmil import GatedAttention
-from .base import HeadOutput, masked_softmax
+from .abmil import ABMIL
+from .base import HeadOutput
 
 #: CLAM weighs the bag loss 0.7 and the instance loss 0.3; relative to a bag loss of 1:
 INSTANCE_WEIGHT = 0.3 / 0.7
 
 
-class CLAMSB(nn.Module):
+class CLAMSB(ABMIL):
+    """ABMIL's gated attention pooling plus one instance classifier per class."""
+
     def __init__(self, in_dim: int, n_classes: int, dropout: float = 0.25, hidden: int = 512,
                  attn_dim: int = 256, k_sample: int = 8):
-        super().__init__()
+        super().__init__(in_dim, n_classes, dropout, hidden, attn_dim)
         self.k_sample = k_sample
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.attn = GatedAttention(hidden, attn_dim, dropout)
-        self.classifier = nn.Linear(hidden, n_classes)
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_classes))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
-        h = self.proj(x)
-        a = masked_softmax(self.attn(h).squeeze(-1), mask)
-        slide = torch.bmm(a.unsqueeze(1), h).squeeze(1)
+        h, a, logits = self.pool(x, mask)
         aux = None if labels is None else INSTANCE_WEIGHT * self._instance_loss(h, a, mask,
                                                                                 labels)
-        return HeadOutput(self.classifier(slide), a, patch_logits=self.classifier(h),
-                          aux_loss=aux)
+        return HeadOutput(logits, a, patch_logits=self.classifier(h), aux_loss=aux)
 
     def _instance_loss(self, h, a, mask, labels) -> torch.Tensor:
         """Top-k attended patches of the true class are its positives, bottom-k its negatives;

@@ -110,10 +110,8 @@ class TransMIL(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
         logits, attn = [], torch.zeros(mask.shape, device=x.device, dtype=x.dtype)
         for b in range(len(x)):
-            n = int(mask[b].sum())
-            lg, a = self._one(x[b][mask[b]])
+            lg, attn[b, mask[b]] = self._one(x[b][mask[b]])
             logits.append(lg)
-            attn[b, torch.nonzero(mask[b]).squeeze(1)] = a if n else attn.new_zeros(0)
         return HeadOutput(torch.stack(logits), attn)
 
     def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
