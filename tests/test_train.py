@@ -235,3 +235,21 @@ def test_foreign_layouts_train_and_classify_refuses_other_encoders(binary, tmp_p
             tmp_path / "c")
     assert r.exit_code == 2 and "stamp-uni" in r.output and "same encoder" in r.output
     assert not (tmp_path / "c" / "predictions.csv").exists()
+
+
+def test_string_labels_keep_their_names(binary, tmp_path):
+    feats = _copy_bags(binary, tmp_path / "f")
+    ids = sorted(p.stem for p in feats.glob("*.h5"))
+    names = {"0": "LUSC", "1": "LUAD"}
+    labels = _labels(tmp_path / "l.csv", [f"{s},{names[binary.labels[s]]}" for s in ids])
+    r = cli("train", "--features", feats, "--labels", labels, "--out", tmp_path / "m",
+            "--folds", "2", "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["classes"] == ["LUAD",
+                                                                                   "LUSC"]
+    r = cli("classify", "--features", feats, "--model", tmp_path / "m" / "model.pt", "--out",
+            tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    rows = read_csv(tmp_path / "c" / "predictions.csv")
+    assert {"prob_LUAD", "prob_LUSC"} <= set(rows[0])
+    assert {row["prediction"] for row in rows} <= {"LUAD", "LUSC"}
