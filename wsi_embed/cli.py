@@ -184,6 +184,11 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             reader: str = typer.Option("auto", "--reader",
                                        help="auto (raw TIFF tiles where possible, else "
                                             "OpenSlide), fast or openslide."),
+            decode: str = typer.Option("auto", "--decode",
+                                       help="JPEG tiles of the fast reader: auto or cpu "
+                                            "(reader processes), or gpu (batched nvJPEG on "
+                                            "the device for YCbCr JPEG; on --device cpu the "
+                                            "same path with libjpeg-turbo)."),
             slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE, ext: str = EXT,
             target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
             patch_size: int = PATCH_SIZE, overlap: int = OVERLAP,
@@ -197,6 +202,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     from .encoders import EncoderError, get_config
     from .extract import DTYPES, EXTRACT_COLUMNS, PRECISIONS, ExtractConfig, run_extract
     from .fast_reader import READERS
+    from .gpu_decode import DECODES
     from .h5io import remove_stale_tmp
     from .tiling import TileConfig
 
@@ -211,6 +217,8 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
         raise _usage_error(f"--dtype must be one of {', '.join(DTYPES)}")
     if reader not in READERS:
         raise _usage_error(f"--reader must be one of {', '.join(READERS)}")
+    if decode not in DECODES:
+        raise _usage_error(f"--decode must be one of {', '.join(DECODES)}")
     try:
         device_list = parse_devices(devices, device)
     except ValueError as e:
@@ -220,7 +228,8 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
                           min_tissue, tissue, tissue_mask)
     tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
     cfg = ExtractConfig(out, encoder, weights, device, batch_size, num_workers, precision,
-                        dtype, compile, overwrite, reader=reader, devices=device_list)
+                        dtype, compile, overwrite, reader=reader, decode=decode,
+                        devices=device_list)
     remove_stale_tmp(out / "features" / encoder)
     report = Report(out / f"extract_report_{encoder}.csv", EXTRACT_COLUMNS)
     try:

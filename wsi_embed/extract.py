@@ -34,6 +34,7 @@ from .batch import Report, tile_slides
 from .devices import pick_device
 from .encoders import Encoder, EncoderConfig, load_encoder
 from .fast_reader import TiffTileReader, choose_reader
+from .gpu_decode import DecodeThread, choose_decode, on_main_stream
 from .slides import Slide, open_slide
 from .tiling import SlideJob, TileConfig, coords_path, existing_output_status, report_row
 
@@ -43,6 +44,7 @@ EXTRACT_COLUMNS = ["slide_id", "path", "status", "n_patches", "seconds", "patche
                    "reader", "device", "error", "warning"]
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_AHEAD = 3  # device-decoded batches queued ahead of the encoder (each holds GPU memory)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ExtractConfig:
     chunk: int = 64  # patches per read task
     devices: tuple[str, ...] = ()  # several: one process per device
     reader: str = "auto"  # auto, fast (raw TIFF tiles) or openslide
+    decode: str = "auto"  # fast reader's JPEG tiles: auto, cpu (workers) or gpu (batched)
 
 
 def features_path(out: Path, encoder: str, slide_id: str) -> Path:
@@ -85,6 +88,7 @@ class ReadTask:
     row0: int
     page: int = -1  # ≥ 0: read raw tiles of this TIFF page (fast reader); else OpenSlide
     downsample: float = 1.0  # of `level`, for the fast reader's level-0 → level mapping
+    gpu: bool = False  # decode the page's JPEG tiles in batches on the device
 
 
 class PatchReader:
@@ -125,11 +129,15 @@ class PatchReader:
         self._open.clear()
 
 
+READY = (-1, None, None)
+
+
 def _reader_main(task_q, done_q, free_q, slots: torch.Tensor) -> None:
     """A reader process: take a task, take a free slot, fill it, say which."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     reader = PatchReader()
+    done_q.put(READY)
     while True:
         task = task_q.get()
         if task is None:
@@ -146,13 +154,17 @@ def _reader_main(task_q, done_q, free_q, slots: torch.Tensor) -> None:
 
 class ReaderPool:
     """Persistent reader processes sharing a ring of shared-memory slots (or, with
-    num_workers == 0, reads in the calling thread for tests and debugging)."""
+    num_workers == 0, reads in the calling thread for tests and debugging), plus, for tasks
+    marked `gpu`, a thread decoding JPEG tiles in batches on `device`. Results of both come
+    back through one queue as (task_id, slot | (patches, event) | None, error | None)."""
 
-    def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int):
-        self.num_workers = num_workers
+    def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int,
+                 device: torch.device | None = None):
+        self.num_workers, self.device = num_workers, device
         self.slots = torch.empty((n_slots, chunk, patch_size, patch_size, 3), dtype=torch.uint8)
-        self.inline: list[tuple[int, int | None, str | None]] = []
+        self.results: queue.Queue = queue.Queue()
         self.procs = []
+        self.decoder: DecodeThread | None = None
         if num_workers == 0:
             self.reader = PatchReader()
             self.free = list(range(n_slots))
@@ -167,30 +179,49 @@ class ReaderPool:
                             args=(self.task_q, self.done_q, self.free_q, self.slots))
             p.start()
             self.procs.append(p)
+        started = 0
+        while started < num_workers:  # imports take seconds: not counted as a slide's time
+            try:
+                started += self.done_q.get(timeout=5.0) == READY
+            except queue.Empty:
+                if any(not p.is_alive() for p in self.procs):
+                    self.close_workers()
+                    raise RuntimeError("a reader process died while starting") from None
+        self._forward = threading.Thread(target=self._forward_main, daemon=True)
+        self._forward.start()
+
+    def _forward_main(self) -> None:
+        while (item := self.done_q.get()) is not None:
+            self.results.put(item)
 
     def submit(self, task: ReadTask) -> None:
-        if self.num_workers == 0:
+        if task.gpu:
+            if self.decoder is None:
+                self.decoder = DecodeThread(self.device or torch.device("cpu"), self.results)
+                self.decoder.start()
+            self.decoder.tasks.put(task)
+        elif self.num_workers == 0:
             slot = self.free.pop()
             try:
                 self.reader.read_into(task, self.slots[slot].numpy())
-                self.inline.append((task.task_id, slot, None))
+                self.results.put((task.task_id, slot, None))
             except Exception as e:
                 self.free.append(slot)
-                self.inline.append((task.task_id, None, f"{type(e).__name__}: {e}"))
+                self.results.put((task.task_id, None, f"{type(e).__name__}: {e}"))
         else:
             self.task_q.put(task)
 
-    def get(self, timeout: float = 600.0) -> tuple[int, int | None, str | None]:
-        if self.num_workers == 0:
-            return self.inline.pop(0)
+    def get(self, timeout: float = 600.0) -> tuple[int, int | tuple | None, str | None]:
         while True:
             try:
-                return self.done_q.get(timeout=5.0)
+                return self.results.get(timeout=5.0)
             except queue.Empty:
                 dead = [p for p in self.procs if not p.is_alive()]
                 if dead:
                     raise RuntimeError(f"{len(dead)} reader process(es) died (exit codes "
                                        f"{[p.exitcode for p in dead]})") from None
+                if self.decoder is not None and not self.decoder.is_alive():
+                    raise RuntimeError("the decode thread died") from None
                 timeout -= 5.0
                 if timeout <= 0:
                     raise RuntimeError("reader processes stalled for 10 minutes") from None
@@ -202,9 +233,16 @@ class ReaderPool:
             self.free_q.put(slot)
 
     def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.stop()
         if self.num_workers == 0:
             self.reader.close()
             return
+        self.close_workers()
+        self.done_q.put(None)
+        self._forward.join(timeout=10)
+
+    def close_workers(self) -> None:
         for _ in self.procs:
             self.task_q.put(None)
         for p in self.procs:
@@ -231,6 +269,7 @@ class SlideState:
     read_size: int = 0
     page: int = -1
     downsample: float = 1.0
+    gpu: bool = False
 
 
 class FeatureWriter(threading.Thread):
@@ -514,8 +553,10 @@ def _run_devices(todo, devices, cfg: ExtractConfig, tile_cfg: TileConfig, report
                                   error="device process died; rerun to retry"))
 
 
-def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str) -> SlideState:
-    """A slide's coords, the level and size to read, and the reader that reads them."""
+def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str, decode: str = "cpu",
+                  device: torch.device | None = None) -> SlideState:
+    """A slide's coords, the level and size to read, and the reader (and, for the fast
+    reader, the JPEG decoder) that reads them."""
     c = h5io.read_coords_file(cpath)
     root = {k: v for k, v in c.root.items() if k != "schema"}
     root.setdefault("slide_path", str(job.path.resolve()))
@@ -533,14 +574,24 @@ def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str) -> SlideS
             choice = choose_reader(slide, st.level, reader)
             st.downsample = slide.level_downsamples[st.level]
         st.reader, st.page = f"{choice.kind} ({choice.reason})", choice.page
+        if choice.kind == "fast":
+            st.gpu, why = choose_decode(str(job.path), choice.page, decode,
+                                        device or torch.device("cpu"))
+            st.reader = f"fast ({choice.reason}; {why})"
     return st
+
+
+def gpu_chunk(st: SlideState, chunk: int, batch: int) -> int:
+    """Patches per read task: a whole batch for device decode (one batched nvJPEG call and
+    one gather per batch), `chunk` for the reader processes."""
+    return max(chunk, batch) if st.gpu else chunk
 
 
 def read_tasks(st: SlideState, chunk: int, patch: int, first_id: int = 0):
     """The slide's read tasks, `chunk` patches each, ids counting from `first_id`."""
     for i, row0 in enumerate(range(0, len(st.coords), chunk)):
         yield ReadTask(first_id + i, str(st.job.path), st.level, st.read_size, patch,
-                       st.coords[row0 : row0 + chunk], row0, st.page, st.downsample)
+                       st.coords[row0 : row0 + chunk], row0, st.page, st.downsample, st.gpu)
 
 
 @dataclass
@@ -554,7 +605,7 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
     chunk = min(cfg.chunk, batch)
     patch = tile_cfg.params.patch_size
     n_slots = max(8, 3 * cfg.num_workers) + 2 * math.ceil(batch / chunk)
-    pool = ReaderPool(cfg.num_workers, chunk, patch, n_slots)
+    pool = ReaderPool(cfg.num_workers, chunk, patch, n_slots, runner.device)
     writer = FeatureWriter(cfg, runner.cfg.dim, attrs, report, counts, str(runner.device))
     writer.start()
     pinned = runner.device.type == "cuda"
@@ -562,46 +613,46 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
             for _ in range(3)]
     events: list = [None] * len(bufs)
     states: list[SlideState] = []
-    tasks = _task_stream(todo, chunk, patch, cfg.reader, writer, states)
+    tasks = _task_stream(todo, chunk, batch, patch, cfg, runner.device, writer, states)
     inflight: dict[int, tuple[SlideState, int, int]] = {}
     ahead = n_slots + cfg.num_workers  # queued tasks: enough to keep every reader busy
-    pend, which, exhausted = _Pending(), 0, False
+    pend, which, exhausted, held, on_gpu = _Pending(), 0, False, None, 0
     try:
         while True:
             while not exhausted and len(inflight) < ahead and (
                     cfg.num_workers > 0 or len(inflight) + len(pend.chunks) < n_slots):
-                t = next(tasks, None)
+                t, held = held or next(tasks, None), None
                 if t is None:
                     exhausted = True
                     break
                 task, st = t
+                if task.gpu and on_gpu >= GPU_AHEAD:  # decoded batches wait on the device
+                    held = t
+                    break
+                on_gpu += task.gpu
                 inflight[task.task_id] = (st, task.row0, len(task.coords))
                 pool.submit(task)
             if not inflight and not pend.n:
                 break
             if inflight:
-                tid, slot, err = pool.get()
+                tid, got, err = pool.get()
                 st, row0, n = inflight.pop(tid)
+                on_gpu -= st.gpu
                 if err is not None or st.failed:
-                    if slot is not None:
-                        pool.release(slot)
+                    if isinstance(got, int):
+                        pool.release(got)
                     if err is not None:
                         writer.q.put(("fail", st, f"reading patches: {err}"))
                 else:
-                    pend.chunks.append((st, row0, n, slot))
+                    pend.chunks.append((st, row0, n, got))
                     pend.n += n
             if pend.n and (pend.n + chunk > batch or not inflight):
                 which = (which + 1) % len(bufs)
                 if events[which] is not None:
                     events[which].synchronize()  # the copy out of this buffer is done
-                buf, segments, off = bufs[which], [], 0
-                for st, row0, n, slot in pend.chunks:
-                    buf[off : off + n] = pool.slots[slot, :n]
-                    pool.release(slot)
-                    segments.append((st, row0, n, off))
-                    off += n
+                x, segments = _gather_batch(pend.chunks, bufs[which], pool)
                 pend = _Pending()
-                feats = runner(buf[:off])
+                feats = runner(x)
                 if pinned:
                     events[which] = torch.cuda.Event()
                     events[which].record()
@@ -618,19 +669,41 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
     _check_writer(writer)
 
 
+def _gather_batch(chunks, buf: torch.Tensor, pool: ReaderPool):
+    """One batch from finished chunks: patches in shared-memory slots are packed into the
+    pinned buffer (then copied to the device by the runner); patches decoded on the device
+    are appended there. Returns the batch and each chunk's (state, row0, n, offset)."""
+    segments, off, on_device = [], 0, []
+    for st, row0, n, got in chunks:
+        if isinstance(got, int):
+            buf[off : off + n] = pool.slots[got, :n]
+            pool.release(got)
+            segments.append((st, row0, n, off))
+            off += n
+    x = buf[:off]
+    for st, row0, n, got in chunks:
+        if not isinstance(got, int):
+            on_device.append(on_main_stream(*got))
+            segments.append((st, row0, n, off))
+            off += n
+    if on_device:
+        x = torch.cat([x.to(pool.device, non_blocking=True), *on_device])
+    return x, segments
+
+
 def _check_writer(writer: FeatureWriter) -> None:
     if writer.error is not None:
         raise RuntimeError(f"writing features failed: {writer.error}") from writer.error
 
 
-def _task_stream(todo, chunk: int, patch: int, reader: str, writer: FeatureWriter,
-                 states: list[SlideState]):
+def _task_stream(todo, chunk: int, batch: int, patch: int, cfg: ExtractConfig,
+                 device: torch.device, writer: FeatureWriter, states: list[SlideState]):
     """Read tasks for every slide in order; a slide's coords are loaded when it is reached."""
     task_id = 0
     for job, cpath in todo:
         t0 = time.perf_counter()
         try:
-            st = prepare_slide(job, cpath, patch, reader)
+            st = prepare_slide(job, cpath, patch, cfg.reader, cfg.decode, device)
             st.t0 = t0
             states.append(st)
         except Exception as e:
@@ -640,7 +713,7 @@ def _task_stream(todo, chunk: int, patch: int, reader: str, writer: FeatureWrite
         if len(st.coords) == 0:
             writer.q.put(("empty", st, None))
             continue
-        for task in read_tasks(st, chunk, patch, task_id):
+        for task in read_tasks(st, gpu_chunk(st, chunk, batch), patch, task_id):
             if st.failed:
                 break
             yield task, st

@@ -1,0 +1,126 @@
+"""Batched JPEG decoding on the device: same pixels as OpenSlide, tiles decoded once, JPEG it
+cannot read or gets wrong sent to the CPU decoders. Runs on a GPU when there is one (nvJPEG),
+else the same code on the CPU (libjpeg-turbo through torchvision)."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from wsi_embed.fast_reader import choose_reader
+from wsi_embed.gpu_decode import JpegTileDecoder, canary, choose_decode
+from wsi_embed.slides import open_slide
+from wsi_embed.synthetic import array_tile_fn, write_slide
+
+from .conftest import CMU, TCGA, cli, copy
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# libjpeg-turbo through torchvision gives OpenSlide's pixels; nvJPEG upsamples chroma
+# differently, so on a GPU the bound is the per-slide check's (the figure is printed)
+TOL = 5.0 if DEVICE.type == "cuda" else 1.0
+
+
+def textured(path, width, height, tile, aperio=True, mpp=0.25, seed=1):
+    """Detail at every scale, with colour that varies over a few pixels as stained tissue
+    does (per-pixel random chroma would measure only the decoders' chroma upsampling)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    img = cv2.GaussianBlur(img, (0, 0), 1.5)
+    img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX)
+    return write_slide(path, width, height, mpp, array_tile_fn(img), tile=tile, aperio=aperio,
+                       downsamples=(1, 4))
+
+
+def mad_against_openslide(path, level, read, patch, n=24, seed=0):
+    """Per-patch mean absolute difference: device decode vs OpenSlide (+ cv2 area resize)."""
+    rng = np.random.default_rng(seed)
+    with open_slide(path) as s:
+        choice = choose_reader(s, level, "auto")
+        ds = s.level_downsamples[level]
+        span = int(read * ds)
+        coords = np.stack([rng.integers(0, s.width - span // 2, n),  # some overhang the
+                           rng.integers(0, s.height - span // 2, n)], 1)  # right/bottom
+        dec = JpegTileDecoder(DEVICE)
+        got = dec.read(str(path), choice.page, coords, ds, read, patch).cpu().numpy()
+        dec.close()
+        diffs = []
+        for (x, y), g in zip(coords, got, strict=True):
+            ref = s.read_region(int(x), int(y), level, read, read)
+            if read != patch:
+                ref = cv2.resize(ref, (patch, patch), interpolation=cv2.INTER_AREA)
+            diffs.append(np.abs(g.astype(int) - ref.astype(int)).mean())
+    return float(np.mean(diffs)), float(np.max(diffs))
+
+
+@pytest.mark.parametrize("tile", [240, 256])
+@pytest.mark.parametrize("aperio", [True, False])
+def test_device_decode_matches_openslide_across_tiles_levels_and_resizes(tmp_path, tile,
+                                                                         aperio):
+    # 2101 x 1501: level 1 has a fractional downsample (3.993), so patches there fall between
+    # pixels and need OpenSlide's sub-pixel shift; patches overhang every edge
+    path = textured(tmp_path / ("s.svs" if aperio else "s.tif"), 2101, 1501, tile, aperio)
+    for level in (0, 1):
+        for read, patch in ((256, 256), (256, 128), (300, 224)):
+            mean, worst = mad_against_openslide(path, level, read, patch, seed=level)
+            print(f"decode on {DEVICE} vs OpenSlide: tile {tile} aperio {aperio} level "
+                  f"{level} read {read} → {patch}: MAD mean {mean:.3f} max {worst:.3f}")
+            assert mean <= TOL and worst <= TOL + 0.5, (level, read, patch, mean, worst)
+
+
+def test_tiles_are_decoded_once_and_glass_is_white(tmp_path):
+    path = textured(tmp_path / "g.svs", 1024, 1024, 256, mpp=0.5)
+    dec = JpegTileDecoder(DEVICE)
+    grid = np.array([(x, y) for y in range(0, 824, 100) for x in range(0, 824, 100)])
+    for part in np.array_split(grid, 5):  # overlapping 200 px patches, in five chunks
+        dec.read(str(path), 0, part, 1.0, 200, 200)
+    assert dec.decoded == 16  # a 4 x 4 tile grid
+    corner = dec.read(str(path), 0, np.array([[900, 900]]), 1.0, 256, 256)[0].cpu().numpy()
+    assert corner[:124, :124].std() > 20 and corner[124:, 124:].min() == 255
+
+
+def test_jpeg_the_gpu_cannot_read_or_gets_wrong_goes_to_the_cpu():
+    ok, why = choose_decode(str(CMU), 0, "gpu", DEVICE)
+    assert not ok and "RGB-photometric" in why
+    # CMU's tiles are RGB-coded JPEG: a YCbCr decoder shifts every colour, and the per-slide
+    # check against tifffile catches it even when the TIFF tags are not trusted
+    assert "differs from tifffile" in canary(str(CMU), 0, DEVICE)
+    ok, why = choose_decode(str(TCGA), 0, "gpu", DEVICE)
+    assert not ok and "33005" in why  # JPEG 2000
+    ok, why = choose_decode(str(CMU), 0, "cpu", DEVICE)
+    assert not ok and why == "CPU decode"
+    assert choose_decode(str(CMU), 0, "auto", torch.device("cuda")) == (False, "CPU decode")
+
+
+def test_extract_with_device_decode_matches_cpu_decode(tmp_path):
+    """A YCbCr slide read 512 px at 0.25 µm/px for 256 px at 0.5 (decode, stitch and resize
+    on the device) next to CMU (RGB JPEG: CPU workers), in one run and in shared batches."""
+    slides = tmp_path / "in"
+    textured(slides / "ycbcr.svs", 2048, 1536, 240)
+    copy(CMU, slides / "cmu.svs")
+    feats, rows = {}, {}
+    for decode in ("cpu", "gpu"):
+        out = tmp_path / decode
+        r = cli("extract", slides, "--out", out, "--encoder", "ctranspath", "--weights",
+                "random", "--decode", decode, "--device", str(DEVICE), "--num-workers", "1",
+                "--batch-size", "24", "--target-mpp", "0.5", "--tissue", "none")
+        assert r.exit_code == 0, r.output
+        with open(out / "extract_report_ctranspath.csv") as fh:
+            rows[decode] = {row["slide_id"]: row["reader"] for row in csv.DictReader(fh)}
+        for sid in ("ycbcr", "cmu"):
+            with h5py.File(out / "features" / "ctranspath" / f"{sid}.h5") as f:
+                feats[decode, sid] = f["features"][:]
+    assert "batched decode" in rows["gpu"]["ycbcr"]
+    assert "RGB-photometric" in rows["gpu"]["cmu"] and "CPU decode" in rows["cpu"]["ycbcr"]
+    for sid in ("ycbcr", "cmu"):
+        a, b = feats["cpu", sid], feats["gpu", sid]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        print(f"{sid}: cosine, device vs CPU decode on {DEVICE}: min {cos.min():.5f}")
+        assert len(a) >= 12 and cos.min() >= 0.999, (sid, cos.min())
+    r = cli("extract", slides, "--out", tmp_path / "x", "--encoder", "ctranspath",
+            "--decode", "nvjpeg")
+    assert r.exit_code == 2 and "--decode" in r.output

@@ -1,0 +1,349 @@
+"""JPEG tiles decoded in batches on the GPU (nvJPEG, through torchvision), with patches cut,
+stitched, shifted and downsampled on the device.
+
+For a YCbCr-JPEG TIFF level (most Aperio and generic tiled TIFF slides) the reader sends the
+compressed tile bytes to the device instead of decoded pixels: each chunk of patches needs a
+set of tiles, the ones not in the device-side cache are decoded in one batched
+`decode_jpeg(..., device="cuda")` call, and every patch is gathered from them by index
+arithmetic (tiles stacked with a white tile for glass and edges), shifted by OpenSlide's
+sub-pixel offset where the level's downsample is fractional, and area-resized to the patch
+size. The same code runs with `device="cpu"` (libjpeg-turbo through torchvision), which is how
+the tests check it without a GPU.
+
+nvJPEG always converts YCbCr to RGB, so RGB-photometric JPEG (CMU-1), JPEG 2000 and other
+compressions stay with the CPU decoders; each slide is also checked on one tile against
+tifffile's decoder before the GPU path is trusted with it.
+
+Opt-in (`--decode gpu`): on the H100 with 16 cores the CPU reader processes decoded twice as
+fast and left the GPU to the encoder, so `auto` uses them (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import warnings
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import tifffile
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .fast_reader import TiffTileReader
+
+# torchvision ≥ 0.29 warns that its image codecs will move to torchcodec; they still work
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                        category=DeprecationWarning)
+
+DECODES = ("auto", "cpu", "gpu")
+JPEG = 7
+YCBCR = 6
+#: mean absolute difference (grey levels) from tifffile above which a slide's GPU decode is
+#: not trusted. A colour-space mix-up gives ≈ 49 (CMU-1); nvJPEG's chroma upsampling alone
+#: differs from libjpeg-turbo's by 0.1 on smooth tissue and 4.5 on pixel-scale colour texture
+CANARY_MAD = 8.0
+
+
+@dataclass
+class _Page:
+    """Where one TIFF page's tiles are and how they fit together."""
+
+    offsets: np.ndarray
+    counts: np.ndarray
+    tables: bytes | None
+    width: int
+    height: int
+    tw: int
+    th: int
+
+    @property
+    def ntx(self) -> int:
+        return -(-self.width // self.tw)
+
+    @property
+    def nty(self) -> int:
+        return -(-self.height // self.th)
+
+
+def gpu_unsupported(path: str, page: int) -> str | None:
+    """Why the GPU decoder cannot take this page, or None when it can."""
+    with tifffile.TiffFile(path) as tf:
+        p = tf.pages[page]
+        if p.compression != JPEG:
+            return f"TIFF compression {int(p.compression)} decodes on CPU"
+        if p.photometric != YCBCR:
+            return "RGB-photometric JPEG decodes on CPU (nvJPEG would convert its colours)"
+    return None
+
+
+class TileSource:
+    """Complete JPEG streams of one page's tiles (the shared JPEGTables spliced in), read
+    with pread so no file position is shared."""
+
+    def __init__(self, path: str, page: int):
+        with tifffile.TiffFile(path) as tf:
+            p = tf.pages[page]
+            self.page = _Page(np.asarray(p.dataoffsets, np.int64),
+                              np.asarray(p.databytecounts, np.int64), p.jpegtables,
+                              p.imagewidth, p.imagelength, p.tilewidth, p.tilelength)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def stream(self, i: int) -> torch.Tensor:
+        pg = self.page
+        b = os.pread(self.fd, int(pg.counts[i]), int(pg.offsets[i]))
+        if pg.tables:  # abbreviated stream: tables (without EOI) + tile (without SOI)
+            b = pg.tables[:-2] + b[2:]
+        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class TilePlan:
+    """The tiles a chunk of patches needs and where each patch finds its pixels."""
+
+    tiles: np.ndarray  # (T,) tile indices to supply, in this order
+    grid: np.ndarray  # (n, Ky, Kx) position in `tiles`, or T for white (outside, unwritten)
+    ix: np.ndarray  # (n,) top-left in the level's pixels
+    iy: np.ndarray
+    dx: np.ndarray  # (n,) sub-pixel offset, [0, 1)
+    dy: np.ndarray
+    size: int  # pixels gathered per side: the read size, +1 with a sub-pixel offset
+
+
+def plan_tiles(pg: _Page, coords: np.ndarray, downsample: float, read_size: int) -> TilePlan:
+    """Level-0 top-lefts → the tiles of this level each patch spans."""
+    fx, fy = coords[:, 0] / downsample, coords[:, 1] / downsample
+    ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
+    dx, dy = fx - ix, fy - iy
+    frac = bool((dx >= 1e-3).any() or (dy >= 1e-3).any())
+    if not frac:
+        dx, dy = np.zeros_like(dx), np.zeros_like(dy)
+    size = read_size + int(frac)
+    kx, ky = (size - 1) // pg.tw + 2, (size - 1) // pg.th + 2
+    tx = ix[:, None] // pg.tw + np.arange(kx)  # (n, kx)
+    ty = iy[:, None] // pg.th + np.arange(ky)
+    ids = ty[:, :, None] * pg.ntx + tx[:, None, :]  # (n, ky, kx)
+    ok = (((tx >= 0) & (tx < pg.ntx))[:, None, :] & ((ty >= 0) & (ty < pg.nty))[:, :, None])
+    ok &= pg.counts[np.where(ok, ids, 0)] > 0  # unwritten tiles are glass
+    tiles, inv = np.unique(ids[ok], return_inverse=True)
+    grid = np.full(ids.shape, len(tiles), np.int64)
+    grid[ok] = inv
+    return TilePlan(tiles, grid, ix, iy, dx, dy, size)
+
+
+def assemble(tiles: torch.Tensor, plan: TilePlan, pg: _Page, patch_size: int,
+             piece_px: int = 1 << 23) -> torch.Tensor:
+    """Patches (n, P, P, 3) uint8 from `tiles` (T + 1, th, tw, 3), the last one white."""
+    dev = tiles.device
+    flat = tiles.reshape(-1, 3)
+    out = []
+    per = max(1, piece_px // (plan.size * plan.size))  # bounds the index tensors' memory
+    r = torch.arange(plan.size, device=dev)
+    for s in range(0, len(plan.ix), per):
+        sl = slice(s, s + per)
+        grid = torch.from_numpy(plan.grid[sl]).to(dev)
+        iy = torch.from_numpy(plan.iy[sl]).to(dev)
+        ix = torch.from_numpy(plan.ix[sl]).to(dev)
+        yy, xx = iy[:, None] + r, ix[:, None] + r  # (m, size) level pixels
+        j, i = yy // pg.th - (iy // pg.th)[:, None], xx // pg.tw - (ix // pg.tw)[:, None]
+        m = len(grid)
+        lid = grid[torch.arange(m, device=dev)[:, None, None], j[:, :, None], i[:, None, :]]
+        inside = (((yy >= 0) & (yy < pg.height))[:, :, None]
+                  & ((xx >= 0) & (xx < pg.width))[:, None, :])
+        lid = torch.where(inside, lid, len(tiles) - 1)
+        idx = (lid * pg.th + (yy % pg.th)[:, :, None]) * pg.tw + (xx % pg.tw)[:, None, :]
+        region = flat[idx]  # (m, size, size, 3)
+        out.append(_finish(region, plan.dx[sl], plan.dy[sl], plan.size, patch_size))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _finish(region: torch.Tensor, dx: np.ndarray, dy: np.ndarray, size: int,
+            patch_size: int) -> torch.Tensor:
+    """Sub-pixel shift (bilinear, as OpenSlide) and area resize to patch_size, in uint8."""
+    if not (np.any(dx) or np.any(dy)) and size == patch_size:
+        return region
+    x = region.permute(0, 3, 1, 2).float()
+    if np.any(dx) or np.any(dy):
+        fx = torch.from_numpy(dx).to(x).view(-1, 1, 1, 1)
+        fy = torch.from_numpy(dy).to(x).view(-1, 1, 1, 1)
+        top = x[..., :-1, :-1] * (1 - fx) + x[..., :-1, 1:] * fx
+        bottom = x[..., 1:, :-1] * (1 - fx) + x[..., 1:, 1:] * fx
+        x = top * (1 - fy) + bottom * fy
+    if x.shape[-1] != patch_size:
+        w = area_matrix(x.shape[-1], patch_size, x.device)
+        half = x.device.type == "cuda"  # fp16: exact for pixels, weights to 2^-11
+        if half:
+            x, w = x.half(), w.half()
+        x = (w @ x @ w.T).float()
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@lru_cache(maxsize=16)
+def area_matrix(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    """(dst, src) weights of an area (box) resize, as cv2's INTER_AREA: each output pixel
+    averages the input pixels under its footprint, weighted by overlap. Applied as
+    W @ X @ W^T it resizes by any factor, whole or not (0.2525 µm/px → 0.5 reads 507 px)."""
+    s = src / dst
+    edges = torch.arange(dst + 1, dtype=torch.float64) * s
+    j = torch.arange(src, dtype=torch.float64)
+    lo = torch.maximum(edges[:-1, None], j[None, :])
+    hi = torch.minimum(edges[1:, None], j[None, :] + 1)
+    return ((hi - lo).clamp_(min=0) / s).float().to(device)
+
+
+class JpegTileDecoder:
+    """Reads patches of YCbCr-JPEG TIFF levels on `device`: batched decode of the tiles a
+    chunk needs, an LRU cache of decoded tiles on the device, assembly by indexing."""
+
+    def __init__(self, device: torch.device | str, cache_tiles: int = 2048, max_open: int = 8):
+        self.device = torch.device(device)
+        self._sources: OrderedDict[tuple[str, int], TileSource] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        self.cache_tiles, self.max_open = cache_tiles, max_open
+        self.decoded = 0  # tiles decoded so far
+
+    def _source(self, path: str, page: int) -> TileSource:
+        key = (path, page)
+        if key in self._sources:
+            self._sources.move_to_end(key)
+            return self._sources[key]
+        src = self._sources[key] = TileSource(path, page)
+        while len(self._sources) > self.max_open:
+            old_key, old = self._sources.popitem(last=False)
+            old.close()
+            for k in [k for k in self._cache if k[:2] == old_key]:
+                del self._cache[k]
+        return src
+
+    def decode(self, streams: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tiles as (th, tw, 3) uint8 on the device, one batched call."""
+        if not streams:
+            return []
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                imgs = decode_jpeg(streams, mode=ImageReadMode.RGB, device=self.device)
+        else:
+            imgs = decode_jpeg(streams, mode=ImageReadMode.RGB)
+        self.decoded += len(imgs)
+        return [im.permute(1, 2, 0).contiguous() for im in imgs]
+
+    def read(self, path: str, page: int, coords: np.ndarray, downsample: float,
+             read_size: int, patch_size: int) -> torch.Tensor:
+        """Patches (n, P, P, 3) uint8 on the device; top-lefts `coords` in level-0 px."""
+        src = self._source(path, page)
+        pg = src.page
+        plan = plan_tiles(pg, np.asarray(coords), downsample, read_size)
+        have: dict[int, torch.Tensor] = {}
+        missing = []
+        for t in plan.tiles.tolist():
+            hit = self._cache.get((path, page, t))
+            if hit is None:
+                missing.append(t)
+            else:
+                self._cache.move_to_end((path, page, t))
+                have[t] = hit
+        for t, img in zip(missing, self.decode([src.stream(t) for t in missing]), strict=True):
+            if img.shape != (pg.th, pg.tw, 3):
+                raise ValueError(f"tile {t} decodes to {tuple(img.shape)}, expected "
+                                 f"{(pg.th, pg.tw, 3)}")
+            have[t] = img
+            self._cache[(path, page, t)] = img
+        while len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+        white = torch.full((pg.th, pg.tw, 3), 255, dtype=torch.uint8, device=self.device)
+        tiles = torch.stack([have[t] for t in plan.tiles.tolist()] + [white])
+        return assemble(tiles, plan, pg, patch_size)
+
+    def close(self) -> None:
+        for s in self._sources.values():
+            s.close()
+        self._sources.clear()
+        self._cache.clear()
+
+
+def canary(path: str, page: int, device: torch.device) -> str | None:
+    """Decode the first written tile on `device` and with tifffile; None when they agree,
+    else why this slide must decode on CPU (a mislabelled colour space, a decoder error)."""
+    ref = TiffTileReader(path, page)
+    dec = JpegTileDecoder(device)
+    try:
+        pg = dec._source(path, page).page
+        written = np.flatnonzero(pg.counts)
+        if not len(written):
+            return None
+        i = int(written[0])
+        a = dec.decode([dec._source(path, page).stream(i)])[0].cpu().numpy()
+        b = ref._tile(i % pg.ntx, i // pg.ntx)
+        mad = float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+        if mad > CANARY_MAD:
+            return f"GPU decode differs from tifffile by {mad:.1f} grey levels: decodes on CPU"
+        return None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "use the CPU"
+        return f"GPU decode failed ({type(e).__name__}: {e}): decodes on CPU"
+    finally:
+        ref.close()
+        dec.close()
+
+
+def choose_decode(path: str, page: int, decode: str, device: torch.device) -> tuple[bool, str]:
+    """(decode on the device?, why) for a slide the fast reader takes. `auto` is the CPU
+    workers: on the H100 with 16 cores they delivered 24.8k patches/s against 12.0k for
+    batched nvJPEG, and left the GPU to the encoder (docs/BENCHMARKS.md). `gpu` decodes on the
+    device (on a CPU device: the same batched code, for tests), falling back to the workers
+    for a page nvJPEG cannot read or gets wrong."""
+    if decode != "gpu":
+        return False, "CPU decode"
+    why = gpu_unsupported(path, page) or canary(path, page, device)
+    if why:
+        return False, why
+    return True, f"batched decode on {device}"
+
+
+class DecodeThread(threading.Thread):
+    """Runs the JpegTileDecoder beside the encoder: it decodes on its own CUDA stream while
+    the main thread launches the model, and hands back (task_id, (patches, event), error)."""
+
+    def __init__(self, device: torch.device, results: queue.Queue):
+        super().__init__(daemon=True)
+        self.device, self.results = device, results
+        self.tasks: queue.Queue = queue.Queue()
+        self.decoder = JpegTileDecoder(device)
+
+    def run(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        with torch.cuda.stream(stream) if cuda else nullcontext(), torch.inference_mode():
+            while (task := self.tasks.get()) is not None:
+                try:
+                    out = self.decoder.read(task.path, task.page, task.coords,
+                                            task.downsample, task.read_size, task.patch_size)
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    self.results.put((task.task_id, (out, event), None))
+                except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
+                    msg = f"GPU decode: {type(e).__name__}: {' '.join(str(e).split())}"
+                    self.results.put((task.task_id, None, msg))
+        self.decoder.close()
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+        self.join(timeout=30)
+
+
+def on_main_stream(patches: torch.Tensor, event) -> torch.Tensor:
+    """Make the consumer's stream wait for the decode stream, and keep the allocator from
+    reusing the tensor's memory until the consumer is done with it."""
+    if event is not None:
+        cur = torch.cuda.current_stream(patches.device)
+        cur.wait_event(event)
+        patches.record_stream(cur)
+    return patches
