@@ -32,9 +32,9 @@ from wsi_embed.extract import (
     PRECISIONS,
     ReaderPool,
     default_batch_size,
-    gpu_chunk,
     prepare_slide,
     read_tasks,
+    task_size,
 )
 from wsi_embed.h5io import read_coords_file
 from wsi_embed.tiling import SlideJob
@@ -95,7 +95,7 @@ def reading_only(slide: Path, coords: Path, reader: str, decode: str, num_worker
     t0 = time.perf_counter()
     pool = ReaderPool(num_workers, chunk, patch, n_slots, device)
     print(f"({num_workers} reader processes started in {time.perf_counter() - t0:.1f} s)")
-    tasks = list(read_tasks(st, gpu_chunk(st, chunk, 512), patch))
+    tasks = list(read_tasks(st, task_size(st, chunk, 512), patch))
     t0, inflight = time.perf_counter(), 0
     for t in tasks:
         if inflight >= n_slots - 1:
@@ -108,8 +108,7 @@ def reading_only(slide: Path, coords: Path, reader: str, decode: str, num_worker
     for _ in range(inflight):
         _, slot, err = pool.get()
         assert err is None, err
-        if isinstance(slot, int):
-            pool.release(slot)
+        pool.release(slot)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0

@@ -44,7 +44,6 @@ EXTRACT_COLUMNS = ["slide_id", "path", "status", "n_patches", "seconds", "patche
                    "reader", "device", "error", "warning"]
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GPU_AHEAD = 3  # device-decoded batches queued ahead of the encoder (each holds GPU memory)
 
 
 @dataclass(frozen=True)
@@ -226,11 +225,14 @@ class ReaderPool:
                 if timeout <= 0:
                     raise RuntimeError("reader processes stalled for 10 minutes") from None
 
-    def release(self, slot: int) -> None:
-        if self.num_workers == 0:
-            self.free.append(slot)
+    def release(self, got: int | tuple) -> None:
+        """Give back what a result held: a shared-memory slot, or room on the device."""
+        if isinstance(got, tuple):
+            self.decoder.release()
+        elif self.num_workers == 0:
+            self.free.append(got)
         else:
-            self.free_q.put(slot)
+            self.free_q.put(got)
 
     def close(self) -> None:
         if self.decoder is not None:
@@ -581,7 +583,7 @@ def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str, decode: s
     return st
 
 
-def gpu_chunk(st: SlideState, chunk: int, batch: int) -> int:
+def task_size(st: SlideState, chunk: int, batch: int) -> int:
     """Patches per read task: a whole batch for device decode (one batched nvJPEG call and
     one gather per batch), `chunk` for the reader processes."""
     return max(chunk, batch) if st.gpu else chunk
@@ -616,20 +618,16 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
     tasks = _task_stream(todo, chunk, batch, patch, cfg, runner.device, writer, states)
     inflight: dict[int, tuple[SlideState, int, int]] = {}
     ahead = n_slots + cfg.num_workers  # queued tasks: enough to keep every reader busy
-    pend, which, exhausted, held, on_gpu = _Pending(), 0, False, None, 0
+    pend, which, exhausted = _Pending(), 0, False
     try:
         while True:
             while not exhausted and len(inflight) < ahead and (
                     cfg.num_workers > 0 or len(inflight) + len(pend.chunks) < n_slots):
-                t, held = held or next(tasks, None), None
+                t = next(tasks, None)
                 if t is None:
                     exhausted = True
                     break
                 task, st = t
-                if task.gpu and on_gpu >= GPU_AHEAD:  # decoded batches wait on the device
-                    held = t
-                    break
-                on_gpu += task.gpu
                 inflight[task.task_id] = (st, task.row0, len(task.coords))
                 pool.submit(task)
             if not inflight and not pend.n:
@@ -637,9 +635,8 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
             if inflight:
                 tid, got, err = pool.get()
                 st, row0, n = inflight.pop(tid)
-                on_gpu -= st.gpu
                 if err is not None or st.failed:
-                    if isinstance(got, int):
+                    if got is not None:
                         pool.release(got)
                     if err is not None:
                         writer.q.put(("fail", st, f"reading patches: {err}"))
@@ -684,6 +681,7 @@ def _gather_batch(chunks, buf: torch.Tensor, pool: ReaderPool):
     for st, row0, n, got in chunks:
         if not isinstance(got, int):
             on_device.append(on_main_stream(*got))
+            pool.release(got)
             segments.append((st, row0, n, off))
             off += n
     if on_device:
@@ -713,7 +711,7 @@ def _task_stream(todo, chunk: int, batch: int, patch: int, cfg: ExtractConfig,
         if len(st.coords) == 0:
             writer.q.put(("empty", st, None))
             continue
-        for task in read_tasks(st, gpu_chunk(st, chunk, batch), patch, task_id):
+        for task in read_tasks(st, task_size(st, chunk, batch), patch, task_id):
             if st.failed:
                 break
             yield task, st

@@ -114,7 +114,8 @@ class TilePlan:
     iy: np.ndarray
     dx: np.ndarray  # (n,) sub-pixel offset, [0, 1)
     dy: np.ndarray
-    size: int  # pixels gathered per side: the read size, +1 with a sub-pixel offset
+    shift: bool  # some patch falls between pixels: gather one more and interpolate
+    size: int  # pixels gathered per side: the read size, +1 with a shift
 
 
 def plan_tiles(pg: _Page, coords: np.ndarray, downsample: float, read_size: int) -> TilePlan:
@@ -122,10 +123,8 @@ def plan_tiles(pg: _Page, coords: np.ndarray, downsample: float, read_size: int)
     fx, fy = coords[:, 0] / downsample, coords[:, 1] / downsample
     ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
     dx, dy = fx - ix, fy - iy
-    frac = bool((dx >= 1e-3).any() or (dy >= 1e-3).any())
-    if not frac:
-        dx, dy = np.zeros_like(dx), np.zeros_like(dy)
-    size = read_size + int(frac)
+    shift = bool((dx >= 1e-3).any() or (dy >= 1e-3).any())
+    size = read_size + int(shift)
     kx, ky = (size - 1) // pg.tw + 2, (size - 1) // pg.th + 2
     tx = ix[:, None] // pg.tw + np.arange(kx)  # (n, kx)
     ty = iy[:, None] // pg.th + np.arange(ky)
@@ -135,7 +134,7 @@ def plan_tiles(pg: _Page, coords: np.ndarray, downsample: float, read_size: int)
     tiles, inv = np.unique(ids[ok], return_inverse=True)
     grid = np.full(ids.shape, len(tiles), np.int64)
     grid[ok] = inv
-    return TilePlan(tiles, grid, ix, iy, dx, dy, size)
+    return TilePlan(tiles, grid, ix, iy, dx, dy, shift, size)
 
 
 def assemble(tiles: torch.Tensor, plan: TilePlan, pg: _Page, patch_size: int,
@@ -160,17 +159,17 @@ def assemble(tiles: torch.Tensor, plan: TilePlan, pg: _Page, patch_size: int,
         lid = torch.where(inside, lid, len(tiles) - 1)
         idx = (lid * pg.th + (yy % pg.th)[:, :, None]) * pg.tw + (xx % pg.tw)[:, None, :]
         region = flat[idx]  # (m, size, size, 3)
-        out.append(_finish(region, plan.dx[sl], plan.dy[sl], plan.size, patch_size))
+        out.append(_finish(region, plan.dx[sl], plan.dy[sl], plan.shift, patch_size))
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def _finish(region: torch.Tensor, dx: np.ndarray, dy: np.ndarray, size: int,
+def _finish(region: torch.Tensor, dx: np.ndarray, dy: np.ndarray, shift: bool,
             patch_size: int) -> torch.Tensor:
     """Sub-pixel shift (bilinear, as OpenSlide) and area resize to patch_size, in uint8."""
-    if not (np.any(dx) or np.any(dy)) and size == patch_size:
+    if not shift and region.shape[1] == patch_size:
         return region
     x = region.permute(0, 3, 1, 2).float()
-    if np.any(dx) or np.any(dy):
+    if shift:
         fx = torch.from_numpy(dx).to(x).view(-1, 1, 1, 1)
         fy = torch.from_numpy(dy).to(x).view(-1, 1, 1, 1)
         top = x[..., :-1, :-1] * (1 - fx) + x[..., :-1, 1:] * fx
@@ -208,6 +207,7 @@ class JpegTileDecoder:
         self._cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
         self.cache_tiles, self.max_open = cache_tiles, max_open
         self.decoded = 0  # tiles decoded so far
+        self._white: dict[tuple[int, int], torch.Tensor] = {}  # glass, per tile shape
 
     def _source(self, path: str, page: int) -> TileSource:
         key = (path, page)
@@ -257,7 +257,10 @@ class JpegTileDecoder:
             self._cache[(path, page, t)] = img
         while len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
-        white = torch.full((pg.th, pg.tw, 3), 255, dtype=torch.uint8, device=self.device)
+        white = self._white.get((pg.th, pg.tw))
+        if white is None:
+            white = self._white[pg.th, pg.tw] = torch.full((pg.th, pg.tw, 3), 255,
+                                                          dtype=torch.uint8, device=self.device)
         tiles = torch.stack([have[t] for t in plan.tiles.tolist()] + [white])
         return assemble(tiles, plan, pg, patch_size)
 
@@ -274,12 +277,13 @@ def canary(path: str, page: int, device: torch.device) -> str | None:
     ref = TiffTileReader(path, page)
     dec = JpegTileDecoder(device)
     try:
-        pg = dec._source(path, page).page
+        src = dec._source(path, page)
+        pg = src.page
         written = np.flatnonzero(pg.counts)
         if not len(written):
             return None
         i = int(written[0])
-        a = dec.decode([dec._source(path, page).stream(i)])[0].cpu().numpy()
+        a = dec.decode([src.stream(i)])[0].cpu().numpy()
         b = ref._tile(i % pg.ntx, i // pg.ntx)
         mad = float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
         if mad > CANARY_MAD:
@@ -308,19 +312,26 @@ def choose_decode(path: str, page: int, decode: str, device: torch.device) -> tu
 
 class DecodeThread(threading.Thread):
     """Runs the JpegTileDecoder beside the encoder: it decodes on its own CUDA stream while
-    the main thread launches the model, and hands back (task_id, (patches, event), error)."""
+    the main thread launches the model, and hands back (task_id, (patches, event), error).
+    At most `ahead` decoded batches wait on the device: each is `release`d once consumed."""
 
-    def __init__(self, device: torch.device, results: queue.Queue):
+    def __init__(self, device: torch.device, results: queue.Queue, ahead: int = 3):
         super().__init__(daemon=True)
         self.device, self.results = device, results
         self.tasks: queue.Queue = queue.Queue()
         self.decoder = JpegTileDecoder(device)
+        self.room = threading.Semaphore(ahead)
+
+    def release(self) -> None:
+        """A decoded batch was consumed (or dropped): room for the next."""
+        self.room.release()
 
     def run(self) -> None:
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
         with torch.cuda.stream(stream) if cuda else nullcontext(), torch.inference_mode():
             while (task := self.tasks.get()) is not None:
+                self.room.acquire()
                 try:
                     out = self.decoder.read(task.path, task.page, task.coords,
                                             task.downsample, task.read_size, task.patch_size)
@@ -331,11 +342,13 @@ class DecodeThread(threading.Thread):
                     self.results.put((task.task_id, (out, event), None))
                 except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
                     msg = f"GPU decode: {type(e).__name__}: {' '.join(str(e).split())}"
+                    self.room.release()  # nothing is held for a failed batch
                     self.results.put((task.task_id, None, msg))
         self.decoder.close()
 
     def stop(self) -> None:
         self.tasks.put(None)
+        self.room.release()  # after an error, batches may never be consumed
         self.join(timeout=30)
 
 
