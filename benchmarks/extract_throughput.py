@@ -1,10 +1,13 @@
 """End-to-end extraction throughput next to the encoder-only ceiling, in one run (not a test).
 
 1. makes (or takes) a synthetic SVS and tiles it with `--tissue none` (every grid patch);
-2. runs the real `wsi-embed extract` CLI in a child process (random weights) and reads
-   patches/s of the slide from its report, plus the child's peak RSS;
+2. runs the real `wsi-embed extract` CLI in a child process (random weights) over
+   `--copies` links to the slide, and takes from its log the steady rate (patches after the
+   first batch over the time since it, so process start, imports, reader start-up, model
+   load and warm-up stay out) and how long its main thread waited for readers and for the
+   device; from its report the first slide's rate with all of that in; its peak RSS;
 3. in this process, measures the ceiling: the same preset, batch size and precision on
-   random tensors already on the device (no reading, no copies);
+   random tensors already on the device (no reading, no copies, no preprocessing);
 4. prints end-to-end patches/s, the ceiling and their ratio. With `--small-too`, also the peak
    RSS of a slide 1/25 the size, to show that host memory does not grow with the slide.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from wsi_embed.device_side import BatchFeeder, DeviceRunner
 from wsi_embed.devices import pick_device
-from wsi_embed.encoders import build_encoder
+from wsi_embed.encoders import build_encoder, get_config
 from wsi_embed.extract import (
+    HELD_BATCHES,
     PRECISIONS,
     ReaderPool,
     default_batch_size,
@@ -50,10 +56,14 @@ def make_slide(path: Path, side: int, mpp: float = 0.5) -> Path:
     return path
 
 
-def run_extract(slide: Path, out: Path, args, copies: int = 1
-                ) -> tuple[float, int, float, float]:
-    """(patches/s of the first slide, patches in all, peak RSS MB, wall seconds) from a child
-    `wsi-embed extract` over `copies` links to the slide (distinct slide ids)."""
+STEADY = re.compile(r"steady rate: (\d+) patches in ([\d.]+) s .*? waited ([\d.]+) s for "
+                    r"readers, ([\d.]+) s for the device")
+
+
+def run_extract(slide: Path, out: Path, args, copies: int = 1) -> dict:
+    """A child `wsi-embed extract` over `copies` links to the slide (distinct slide ids):
+    its steady rate after the first batch and the main thread's waits (from its log), the
+    first slide's patches/s with every start-up cost inside (from its report), peak RSS."""
     folder = out / "slides"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(copies):
@@ -65,7 +75,7 @@ def run_extract(slide: Path, out: Path, args, copies: int = 1
                            "--num-workers", "0", "--log-level", "WARNING"], check=True)
     cmd = base + ["extract", str(folder), "--out", str(out), "--encoder", args.encoder,
                   "--weights", "random", "--num-workers", str(args.num_workers),
-                  "--device", args.device, "--log-level", "WARNING"]
+                  "--device", args.device, "--log-level", "INFO"]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.precision:
@@ -73,45 +83,61 @@ def run_extract(slide: Path, out: Path, args, copies: int = 1
     if args.compile:
         cmd += ["--compile"]
     cmd += ["--reader", args.reader, "--decode", args.decode]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
+    log = out / "extract.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stderr=fh, stdout=fh)
+        _, status, usage = os.wait4(proc.pid, 0)
+    text = log.read_text()
     if status != 0:
-        raise SystemExit(f"extract failed with status {status}")
+        raise SystemExit(f"extract failed with status {status}:\n{text[-3000:]}")
     with open(out / f"extract_report_{args.encoder}.csv") as fh:
         rows = list(csv.DictReader(fh))
-    return (float(rows[0]["patches_per_s"]), sum(int(r["n_patches"]) for r in rows),
-            usage.ru_maxrss / 1024, wall)
+    m = STEADY.search(text)
+    if m is None:
+        raise SystemExit(f"no steady-rate line in the extract log:\n{text[-3000:]}")
+    n, secs, wait_read, wait_dev = (float(v) for v in m.groups())
+    return {"steady": n / secs, "n": int(n), "secs": secs, "wait_readers": wait_read,
+            "wait_device": wait_dev, "first": float(rows[0]["patches_per_s"]),
+            "rss_mb": usage.ru_maxrss / 1024}
 
 
-def reading_only(slide: Path, coords: Path, reader: str, decode: str, num_workers: int,
-                 device: torch.device, chunk: int = 64) -> tuple[float, str]:
-    """Patches/s the reader pool delivers (into shared memory, or decoded on the device),
-    with no encoder behind it."""
+def reading_only(slide: Path, coords: Path, reader: str, decode: str, args,
+                 device: torch.device, chunk: int = 64, batch: int = 512) -> tuple[float, str]:
+    """Patches/s delivered to the device with no encoder behind them: read into shared
+    memory by the reader processes (or decoded on the device), packed into batches of
+    `batch`, copied over and preprocessed for `args.encoder`, as `extract` does."""
     patch = int(read_coords_file(coords).attrs["patch_size"])
     st = prepare_slide(SlideJob(slide, slide.stem), coords, patch, reader, decode, device)
-    n_slots = max(8, 3 * num_workers)
+    n_slots = max(8, 3 * args.num_workers) + (2 + HELD_BATCHES) * (batch // chunk)
     t0 = time.perf_counter()
-    pool = ReaderPool(num_workers, chunk, patch, n_slots, device)
-    print(f"({num_workers} reader processes started in {time.perf_counter() - t0:.1f} s)")
-    tasks = list(read_tasks(st, task_size(st, chunk, 512), patch))
-    t0, inflight = time.perf_counter(), 0
-    for t in tasks:
-        if inflight >= n_slots - 1:
-            _, slot, err = pool.get()
-            assert err is None, err
-            pool.release(slot)
-            inflight -= 1
-        pool.submit(t)
-        inflight += 1
-    for _ in range(inflight):
-        _, slot, err = pool.get()
+    pool = ReaderPool(args.num_workers, chunk, patch, n_slots, device)
+    print(f"({args.num_workers} reader processes started in {time.perf_counter() - t0:.1f} s)")
+    runner = DeviceRunner(torch.nn.Identity(), get_config(args.encoder), device,
+                          torch.float32, batch, False)
+    feeder = BatchFeeder(pool, runner, batch, HELD_BATCHES)
+    if device.type == "cuda":
+        print(f"(slots page-locked: {feeder.pinned}, {pool.slots.is_pinned()})")
+    tasks = iter(read_tasks(st, task_size(st, chunk, batch), patch))
+    t0, inflight, pend, n = time.perf_counter(), 0, [], 0
+    while True:
+        while inflight < args.num_workers * 2 and (t := next(tasks, None)) is not None:
+            pool.submit(t)
+            inflight += 1
+        if not inflight and not pend:
+            break
+        tid, got, err = pool.get()
         assert err is None, err
-        pool.release(slot)
+        inflight -= 1
+        k = chunk if isinstance(got, int) else len(got[0])
+        pend.append((None, 0, k, got))
+        n += k
+        if n >= batch or not inflight:
+            feeder(pend)
+            pend, n = [], 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0
+    feeder.close()
     pool.close()
     return len(st.coords) / secs, st.reader
 
@@ -154,8 +180,8 @@ def main() -> None:
     ap.add_argument("--small-too", action="store_true")
     ap.add_argument("--reader", default="auto", help="auto, fast or openslide")
     ap.add_argument("--decode", default="auto", help="auto, cpu or gpu (the e2e run)")
-    ap.add_argument("--copies", type=int, default=4,
-                    help="slides in the longer of the two end-to-end runs")
+    ap.add_argument("--copies", type=int, default=3,
+                    help="links to the slide in the end-to-end run")
     ap.add_argument("--no-reading", action="store_true",
                     help="skip the reading-only figures (they do not depend on the encoder)")
     ap.add_argument("--mpp", type=float, default=0.5,
@@ -174,25 +200,23 @@ def main() -> None:
                             "--log-level", "WARNING"], check=True)
         if decode == "gpu" and device.type != "cuda":
             continue
-        rate, kind = reading_only(slide, coords, reader, decode, args.num_workers, device)
+        rate, kind = reading_only(slide, coords, reader, decode, args, device)
         print(f"reading only, --reader {reader} --decode {decode} ({kind}), "
               f"{args.num_workers} workers: {rate:.0f} patches/s", flush=True)
-    # steady state: the extra slides of a longer run over the extra wall time, so process
-    # start, imports, reader start-up, model load and the first batches' warm-up cancel out
-    first, n1, rss, wall1 = run_extract(slide, work / "e2e_1", args, 1)
-    _, n_k, _, wall_k = run_extract(slide, work / "e2e_k", args, args.copies)
-    e2e = (n_k - n1) / (wall_k - wall1)
-    line = (f"{args.encoder} --decode {args.decode}: end-to-end {e2e:.1f} patches/s steady "
-            f"(({n_k} - {n1} patches) / ({wall_k:.1f} - {wall1:.1f} s)); one slide alone, "
-            f"warm-up included: {first:.1f} patches/s; peak RSS {rss:.0f} MB")
+    r = run_extract(slide, work / "e2e", args, args.copies)
+    line = (f"{args.encoder} --decode {args.decode}: end-to-end {r['steady']:.1f} patches/s "
+            f"steady ({r['n']} patches in {r['secs']:.1f} s after the first batch; the main "
+            f"thread waited {r['wait_readers']:.1f} s for readers, {r['wait_device']:.1f} s "
+            f"for the device); first slide with warm-up: {r['first']:.1f} patches/s; peak "
+            f"RSS {r['rss_mb']:.0f} MB")
     if args.small_too:
         small = make_slide(work / "small.svs", args.side // 5)
-        _, n_small, rss_small, _ = run_extract(small, work / "out_small", args)
-        line += f"; small slide ({n_small} patches) peak RSS {rss_small:.0f} MB"
+        rs = run_extract(small, work / "out_small", args)
+        line += f"; small slide peak RSS {rs['rss_mb']:.0f} MB"
     ceil, batch, precision = ceiling(args)
     print(line)
     print(f"encoder-only ceiling ({precision}, batch {batch}, {pick_device(args.device)}): "
-          f"{ceil:.1f} patches/s; ratio end-to-end / ceiling = {e2e / ceil:.3f}")
+          f"{ceil:.1f} patches/s; ratio end-to-end / ceiling = {r['steady'] / ceil:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Shape of the pipeline (one process per device):
 - reader processes (started once for the whole run, each with its own slide handles) read
   chunks of patches as uint8 into shared-memory slots; chunks of the next slide are queued
   while the current one finishes, so the device never waits at slide boundaries;
-- the main thread packs chunks into batches in pinned memory, copies them to the device
-  without blocking, resizes and normalises there, and runs the encoder under
-  `inference_mode` in the preset's precision;
+- the main thread packs chunks into batches: each chunk is copied from its (page-locked)
+  slot straight to the device on a feed stream, which also resizes and normalises, while
+  the encoder runs the previous batch in the preset's precision (`device_side`);
 - a writer thread moves features to the host and streams them into each slide's temporary
   HDF5 file at their row offsets, then renames the finished file into place. Host memory is
   bounded by the slots and a short queue, whatever the slide size.
@@ -27,14 +27,14 @@ import cv2
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import h5io
 from .batch import Report, tile_slides
+from .device_side import BatchFeeder, DeviceRunner
 from .devices import pick_device
-from .encoders import Encoder, EncoderConfig, load_encoder
+from .encoders import EncoderConfig, load_encoder
 from .fast_reader import TiffTileReader, choose_reader
-from .gpu_decode import DecodeThread, choose_decode, on_main_stream
+from .gpu_decode import DecodeThread, choose_decode
 from .slides import Slide, open_slide
 from .tiling import SlideJob, TileConfig, coords_path, existing_output_status, report_row
 
@@ -44,6 +44,7 @@ EXTRACT_COLUMNS = ["slide_id", "path", "status", "n_patches", "seconds", "patche
                    "reader", "device", "error", "warning"]
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HELD_BATCHES = 2  # batches whose slots may wait for their copy to the device to finish
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,9 @@ class FeatureWriter(threading.Thread):
         self.cfg, self.dim, self.attrs, self.report, self.counts = cfg, dim, attrs, report, counts
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
+        # for the steady rate after the first batch (its time includes warm-up)
+        self.batches = self.patches = self.first_n = 0
+        self.first_at = self.last_at = 0.0
 
     def run(self) -> None:
         while True:
@@ -305,6 +309,11 @@ class FeatureWriter(threading.Thread):
             self._finish(payload)
             return
         feats = payload.float().cpu().numpy()
+        self.batches += 1
+        self.patches += len(feats)
+        self.last_at = time.perf_counter()
+        if self.batches == 1:
+            self.first_at, self.first_n = self.last_at, len(feats)
         if not np.isfinite(feats).all():
             for st, _, n, off in segments:  # _fail records each slide once
                 if not np.isfinite(feats[off : off + n]).all():
@@ -353,60 +362,6 @@ class FeatureWriter(threading.Thread):
         self.counts["failed"] += 1
         self.report.add(report_row(st.job, "failed", st.t0, error=error))
         log.error("%s failed: %s", st.job.slide_id, error)
-
-
-# -- the device side -----------------------------------------------------------------------
-class DeviceRunner:
-    """Resize + normalise on the device, run the encoder, halve the batch on CUDA OOM."""
-
-    def __init__(self, model: Encoder, cfg: EncoderConfig, device: torch.device,
-                 precision: torch.dtype, batch_size: int, compile: bool):
-        self.cfg, self.device, self.dtype = cfg, device, precision
-        self.model = model.to(device=device, dtype=precision).eval()
-        if compile:
-            self.model = torch.compile(self.model)
-        self.pad_to = batch_size if compile else 0
-        self.micro = batch_size
-        mean, std = cfg.mean_std
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, P, P, 3) → normalised (B, 3, S, S) in the model's dtype."""
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        r, s = self.cfg.resize, self.cfg.input_size
-        if x.shape[-1] != r:
-            x = F.interpolate(x, size=(r, r), mode=self.cfg.interpolation, antialias=True,
-                              align_corners=False).clamp_(0, 1)
-        if r != s:
-            o = (r - s) // 2
-            x = x[..., o : o + s, o : o + s]
-        return ((x - self.mean) / self.std).to(self.dtype).contiguous(
-            memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def __call__(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        x = batch_u8.to(self.device, non_blocking=True)
-        outs, i, n = [], 0, len(x)
-        while i < n:
-            part = x[i : i + self.micro]
-            try:
-                outs.append(self._forward(part))
-                i += len(part)
-            except torch.cuda.OutOfMemoryError:
-                if self.micro == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.micro = max(1, self.micro // 2)
-                self.pad_to = min(self.pad_to, self.micro) if self.pad_to else 0
-                log.warning("CUDA out of memory: batch size lowered to %d", self.micro)
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _forward(self, part: torch.Tensor) -> torch.Tensor:
-        n = len(part)
-        if self.pad_to and n < self.pad_to:  # a fixed shape spares torch.compile recompiles
-            part = torch.cat([part, part.new_zeros((self.pad_to - n, *part.shape[1:]))])
-        return self.model(self.preprocess(part))[:n]
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -606,23 +561,26 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
               batch: int, attrs: dict, report: Report, counts: dict[str, int]) -> None:
     chunk = min(cfg.chunk, batch)
     patch = tile_cfg.params.patch_size
-    n_slots = max(8, 3 * cfg.num_workers) + 2 * math.ceil(batch / chunk)
+    per_batch = math.ceil(batch / chunk)
+    n_slots = max(8, 3 * cfg.num_workers) + (2 + HELD_BATCHES) * per_batch
     pool = ReaderPool(cfg.num_workers, chunk, patch, n_slots, runner.device)
+    try:
+        feeder = BatchFeeder(pool, runner, batch, HELD_BATCHES)
+    except BaseException:
+        pool.close()
+        raise
     writer = FeatureWriter(cfg, runner.cfg.dim, attrs, report, counts, str(runner.device))
     writer.start()
-    pinned = runner.device.type == "cuda"
-    bufs = [torch.empty((batch, patch, patch, 3), dtype=torch.uint8, pin_memory=pinned)
-            for _ in range(3)]
-    events: list = [None] * len(bufs)
     states: list[SlideState] = []
     tasks = _task_stream(todo, chunk, batch, patch, cfg, runner.device, writer, states)
     inflight: dict[int, tuple[SlideState, int, int]] = {}
     ahead = n_slots + cfg.num_workers  # queued tasks: enough to keep every reader busy
-    pend, which, exhausted = _Pending(), 0, False
+    pend, exhausted = _Pending(), False
+    waits = {"readers": 0.0, "device": 0.0}
     try:
         while True:
-            while not exhausted and len(inflight) < ahead and (
-                    cfg.num_workers > 0 or len(inflight) + len(pend.chunks) < n_slots):
+            while not exhausted and len(inflight) < ahead and (cfg.num_workers > 0 or len(
+                    inflight) + len(pend.chunks) + feeder.held_slots() < n_slots):
                 t = next(tasks, None)
                 if t is None:
                     exhausted = True
@@ -633,7 +591,9 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
             if not inflight and not pend.n:
                 break
             if inflight:
+                t0 = time.perf_counter()
                 tid, got, err = pool.get()
+                waits["readers"] += time.perf_counter() - t0
                 st, row0, n = inflight.pop(tid)
                 if err is not None or st.failed:
                     if got is not None:
@@ -644,49 +604,37 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
                     pend.chunks.append((st, row0, n, got))
                     pend.n += n
             if pend.n and (pend.n + chunk > batch or not inflight):
-                which = (which + 1) % len(bufs)
-                if events[which] is not None:
-                    events[which].synchronize()  # the copy out of this buffer is done
-                x, segments = _gather_batch(pend.chunks, bufs[which], pool)
+                x, segments = feeder(pend.chunks)
                 pend = _Pending()
                 feats = runner(x)
-                if pinned:
-                    events[which] = torch.cuda.Event()
-                    events[which].record()
                 _check_writer(writer)
-                writer.q.put(("feats", feats, segments))
+                t0 = time.perf_counter()
+                writer.q.put(("feats", feats, segments))  # blocks while the device is behind
+                waits["device"] += time.perf_counter() - t0
     finally:
         if writer.is_alive():
             writer.q.put(None)
             writer.join()
+        feeder.close()
         pool.close()
         for st in states:  # after an error: no temporary file is left behind
             if st.writer is not None and not st.done:
                 st.writer.abort()
     _check_writer(writer)
+    _log_rates(writer, waits)
 
 
-def _gather_batch(chunks, buf: torch.Tensor, pool: ReaderPool):
-    """One batch from finished chunks: patches in shared-memory slots are packed into the
-    pinned buffer (then copied to the device by the runner); patches decoded on the device
-    are appended there. Returns the batch and each chunk's (state, row0, n, offset)."""
-    segments, off, on_device = [], 0, []
-    for st, row0, n, got in chunks:
-        if isinstance(got, int):
-            buf[off : off + n] = pool.slots[got, :n]
-            pool.release(got)
-            segments.append((st, row0, n, off))
-            off += n
-    x = buf[:off]
-    for st, row0, n, got in chunks:
-        if not isinstance(got, int):
-            on_device.append(on_main_stream(*got))
-            pool.release(got)
-            segments.append((st, row0, n, off))
-            off += n
-    if on_device:
-        x = torch.cat([x.to(pool.device, non_blocking=True), *on_device])
-    return x, segments
+def _log_rates(writer: FeatureWriter, waits: dict[str, float]) -> None:
+    """Whether the device was fed: the steady rate after the first (warm-up) batch, and how
+    long the main thread waited for reads (the device starved) or for the device (as it
+    should)."""
+    if writer.batches < 2:
+        return
+    secs = writer.last_at - writer.first_at
+    n = writer.patches - writer.first_n
+    log.info("steady rate: %d patches in %.2f s after the first batch = %.1f patches/s; "
+             "main thread waited %.1f s for readers, %.1f s for the device", n, secs,
+             n / secs if secs > 0 else 0.0, waits["readers"], waits["device"])
 
 
 def _check_writer(writer: FeatureWriter) -> None:
