@@ -117,6 +117,29 @@ def test_bad_and_empty_slides_do_not_stop_the_batch(tmp_path, means_encoder):
         "skipped"
 
 
+def test_coords_at_another_resolution_or_patch_size_are_refused(tmp_path, means_encoder):
+    """`tile --target-mpp 1.0` then `extract` at the default 0.5 µm/px must not embed the
+    1.0 µm/px patches as if they were 0.5: the slide fails, naming the file and the fix."""
+    slide = small_slide(tmp_path / "s.svs")
+    out = tmp_path / "o"
+    assert cli("tile", slide, "--out", out, "--target-mpp", "1.0", "--tissue",
+               "none").exit_code == 0
+    base = ("extract", slide, "--out", out, "--encoder", means_encoder, "--weights", "random",
+            "--num-workers", "0")
+    for extra, words in (((), ["tiled at 1 µm/px", "asks for 0.5", "--target-mpp 1"]),
+                         (("--target-mpp", "1.0", "--patch-size", "224"),
+                          ["patch_size 256", "--patch-size"])):
+        r = cli(*base, *extra)
+        assert r.exit_code == 1, r.output
+        err = report(out, means_encoder)["s"]["error"]
+        assert str(out / "coords" / "s.h5") in err and all(w in err for w in words), err
+        assert not (out / "features" / means_encoder / "s.h5").exists()
+    r = cli(*base, "--magnification", "10")  # 10x = 1.0 µm/px: the coords are used
+    assert r.exit_code == 0, r.output
+    f, coords, _, cattrs = feats(out, means_encoder, "s")
+    assert len(f) == len(coords) > 0 and float(cattrs["target_mpp"]) == 1.0
+
+
 def test_sigkill_mid_extract_then_resume(tmp_path):
     folder = tmp_path / "in"
     for i in range(5):

@@ -36,7 +36,14 @@ from .encoders import EncoderConfig, load_encoder
 from .fast_reader import TiffTileReader, choose_reader
 from .gpu_decode import DecodeThread, choose_decode
 from .slides import Slide, open_slide
-from .tiling import SlideJob, TileConfig, coords_path, existing_output_status, report_row
+from .tiling import (
+    SlideJob,
+    TileConfig,
+    TileParams,
+    coords_path,
+    existing_output_status,
+    report_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -511,9 +518,11 @@ def _run_devices(todo, devices, cfg: ExtractConfig, tile_cfg: TileConfig, report
 
 
 def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str, decode: str = "cpu",
-                  device: torch.device | None = None) -> SlideState:
+                  device: torch.device | None = None, target_mpp: float | None = None,
+                  ) -> SlideState:
     """A slide's coords, the level and size to read, and the reader (and, for the fast
-    reader, the JPEG decoder) that reads them."""
+    reader, the JPEG decoder) that reads them. Coords tiled at another patch size or
+    resolution than this run's are refused, not silently used."""
     c = h5io.read_coords_file(cpath)
     root = {k: v for k, v in c.root.items() if k != "schema"}
     root.setdefault("slide_path", str(job.path.resolve()))
@@ -523,6 +532,11 @@ def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str, decode: s
     if int(geom["patch_size"]) != patch:
         raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
                          f"this run {patch}: re-tile or pass --patch-size")
+    tiled_at = float(geom.get("target_mpp", target_mpp or 0))
+    if target_mpp is not None and not math.isclose(tiled_at, target_mpp, rel_tol=1e-6):
+        raise ValueError(f"coords file {cpath} was tiled at {tiled_at:g} µm/px, this run asks "
+                         f"for {target_mpp:g}: pass --target-mpp {tiled_at:g} to use it, or "
+                         f"re-tile at {target_mpp:g} with `wsi-embed tile --overwrite`")
     st.level = int(geom["patch_level"])
     st.read_size = int(geom.get("read_size") or round(geom["patch_size_level0"]
                                                       / geom["downsample"]))
@@ -572,7 +586,8 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
     writer = FeatureWriter(cfg, runner.cfg.dim, attrs, report, counts, str(runner.device))
     writer.start()
     states: list[SlideState] = []
-    tasks = _task_stream(todo, chunk, batch, patch, cfg, runner.device, writer, states)
+    tasks = _task_stream(todo, chunk, batch, tile_cfg.params, cfg, runner.device, writer,
+                         states)
     inflight: dict[int, tuple[SlideState, int, int]] = {}
     ahead = n_slots + cfg.num_workers  # queued tasks: enough to keep every reader busy
     pend, exhausted = _Pending(), False
@@ -642,14 +657,15 @@ def _check_writer(writer: FeatureWriter) -> None:
         raise RuntimeError(f"writing features failed: {writer.error}") from writer.error
 
 
-def _task_stream(todo, chunk: int, batch: int, patch: int, cfg: ExtractConfig,
+def _task_stream(todo, chunk: int, batch: int, params: TileParams, cfg: ExtractConfig,
                  device: torch.device, writer: FeatureWriter, states: list[SlideState]):
     """Read tasks for every slide in order; a slide's coords are loaded when it is reached."""
     task_id = 0
     for job, cpath in todo:
         t0 = time.perf_counter()
         try:
-            st = prepare_slide(job, cpath, patch, cfg.reader, cfg.decode, device)
+            st = prepare_slide(job, cpath, params.patch_size, cfg.reader, cfg.decode, device,
+                               params.target_mpp)
             st.t0 = t0
             states.append(st)
         except Exception as e:
@@ -659,7 +675,7 @@ def _task_stream(todo, chunk: int, batch: int, patch: int, cfg: ExtractConfig,
         if len(st.coords) == 0:
             writer.q.put(("empty", st, None))
             continue
-        for task in read_tasks(st, task_size(st, chunk, batch), patch, task_id):
+        for task in read_tasks(st, task_size(st, chunk, batch), params.patch_size, task_id):
             if st.failed:
                 break
             yield task, st
