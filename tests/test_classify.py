@@ -80,3 +80,27 @@ def test_heatmap_geojson_and_patches_show_where_the_witnesses_are(tmp_path):
     assert {"attention", "rank", "prob_0", "prob_1"} <= set(m)
     total = sum(f["properties"]["measurements"]["attention"] for f in gj["features"])
     assert abs(total - 1) < 1e-3
+
+    # the same features as STAMP writes them: `feats`, coords in µm, unit at the root
+    mpp = float(cf.attrs["level0_mpp"])
+    stamp = tmp_path / "stamp"
+    with atomic_h5(stamp / "cmu.h5") as f:
+        f.attrs.update({"extractor": "synthetic", "unit": "um",
+                        "tile_size_um": size0 * mpp, "tile_size_px": 224,
+                        "weights": "random"})  # not STAMP's: lets the model take the file
+        f["feats"] = x.astype(np.float16)
+        f["coords"] = coords * mpp
+    r = cli("classify", "--features", stamp, "--model", tmp_path / "m" / "model.pt", "--out",
+            tmp_path / "cs", "--slides", slides)
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "cs" / "attention" / "cmu.h5") as f:
+        assert np.abs(f["coords"][:] - coords).max() <= 1  # level-0 px again, not µm
+    gj = json.loads((tmp_path / "cs" / "geojson" / "cmu.geojson").read_text())
+    ring = np.array(gj["features"][0]["geometry"]["coordinates"][0])
+    assert np.abs(ring[2] - ring[0] - size0).max() <= 1
+    # without the slide there is no MPP: no coords at all rather than µm taken for px
+    r = cli("classify", "--features", stamp, "--model", tmp_path / "m" / "model.pt", "--out",
+            tmp_path / "cn")
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "cn" / "attention" / "cmu.h5") as f:
+        assert f["coords"].shape == (0, 2) and len(f["attention"]) == n

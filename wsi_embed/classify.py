@@ -105,12 +105,36 @@ def run_classify(cfg: ClassifyConfig) -> dict[str, int]:
     return counts
 
 
+def _microns_to_level0(path: Path, coords: np.ndarray, attrs: dict, slide_path: Path | None
+                       ) -> tuple[np.ndarray, dict]:
+    """STAMP writes coords in µm from the slide's origin; attention files, heatmaps and
+    GeoJSON are in level-0 px, which takes the slide's MPP. Without it: no coords (and no
+    maps), with a warning, rather than µm drawn as pixels."""
+    from .slides import SlideError, open_slide
+
+    why = "there is no slide for it (pass --slides)"
+    if slide_path is not None:
+        try:
+            with open_slide(slide_path) as slide:
+                mpp = slide.set_mpp()
+            px = {"level0_mpp": mpp}
+            if "tile_size_um" in attrs:
+                px["patch_size_level0"] = round(float(attrs["tile_size_um"]) / mpp)
+            return np.round(np.asarray(coords, np.float64) / mpp).astype(np.int64), px
+        except (SlideError, OSError) as e:
+            why = f"its slide's MPP cannot be read ({e})"
+    log.warning("%s: coords are in µm (STAMP) and %s: no attention coords or maps", path, why)
+    return np.zeros((0, 2), np.int64), {}
+
+
 def _classify_one(sid, path, store, model, device, cfg, slide_path) -> dict:
     spec = model.spec
     if store.n_patches(sid) == 0:
         return {"status": "failed", "error": "no patches (no tissue found); nothing to classify"}
     probs, attn, patch_probs = predict_bag(model, store.get(sid), device)
     coords, coords_attrs = read_patch_coords(path)
+    if coords_attrs.get("unit") == "um":
+        coords, coords_attrs = _microns_to_level0(path, coords, coords_attrs, slide_path)
     if len(coords) != store.n_patches(sid):
         log.warning("%s: %d coords for %d patches; no attention map", path, len(coords),
                     store.n_patches(sid))

@@ -265,10 +265,14 @@ def read_features(path: Path, key: str = "features") -> np.ndarray:
 
 
 def read_patch_coords(path: Path) -> tuple[np.ndarray, dict]:
-    """The coords of a features file and their attrs; (0, 2) and {} when it has none."""
+    """The coords of a features file and their attrs; (0, 2) and {} when it has none.
+    STAMP files say at their root that coords are in µm (`unit`, `tile_size_um`): those
+    attrs are passed on, for the caller to convert with the slide's MPP."""
     with h5py.File(path, "r") as f:
         if "coords" not in f:
             return np.zeros((0, 2), np.int64), {}
         ds = f["coords"]
         c = ds[()]
-        return (c[0] if c.ndim == 3 else c), _attrs(ds)
+        root = _attrs(f)
+        attrs = _attrs(ds) | {k: root[k] for k in ("unit", "tile_size_um") if k in root}
+        return (c[0] if c.ndim == 3 else c), attrs
