@@ -36,13 +36,13 @@ from wsi_embed.encoders import build_encoder, get_config
 from wsi_embed.extract import (
     HELD_BATCHES,
     PRECISIONS,
-    ReaderPool,
     default_batch_size,
     prepare_slide,
     read_tasks,
     task_size,
 )
 from wsi_embed.h5io import read_coords_file
+from wsi_embed.reader_pool import ReaderPool
 from wsi_embed.tiling import SlideJob
 
 

@@ -6,8 +6,8 @@ from torchvision.transforms import v2
 
 from wsi_embed.device_side import BatchFeeder, DeviceRunner
 from wsi_embed.encoders import PRESETS, EncoderConfig, build_encoder
-from wsi_embed.extract import ReaderPool
 from wsi_embed.gpu_decode import DecodeThread
+from wsi_embed.reader_pool import ReaderPool
 
 
 @pytest.mark.parametrize("preset,patch", [("kaiko_vitb16", 256), ("uni_v1", 224),

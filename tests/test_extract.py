@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -140,13 +142,18 @@ def test_coords_at_another_resolution_or_patch_size_are_refused(tmp_path, means_
     assert len(f) == len(coords) > 0 and float(cattrs["target_mpp"]) == 1.0
 
 
-def test_sigkill_mid_extract_then_resume(tmp_path):
-    folder = tmp_path / "in"
-    for i in range(5):
-        small_slide(folder / f"k{i}.svs", 1536, 1536, seed=i)
-    out = tmp_path / "o"
+def tiled_slides(tmp_path, n: int, side: int):
+    """n small slides k0.. in tmp_path/in, tiled whole into tmp_path/o: (folder, out)."""
+    folder, out = tmp_path / "in", tmp_path / "o"
+    for i in range(n):
+        small_slide(folder / f"k{i}.svs", side, side, seed=i)
     assert cli("tile", folder, "--out", out, "--tissue", "none",
                "--num-workers", "0").exit_code == 0
+    return folder, out
+
+
+def test_sigkill_mid_extract_then_resume(tmp_path):
+    folder, out = tiled_slides(tmp_path, 5, 1536)
     cmd = [sys.executable, "-m", "wsi_embed.cli", "extract", str(folder), "--out", str(out),
            "--encoder", "kaiko_vits16", "--weights", "random", "--num-workers", "0",
            "--batch-size", "8"]
@@ -171,6 +178,63 @@ def test_sigkill_mid_extract_then_resume(tmp_path):
         with h5py.File(fdir / f"k{i}.h5") as f:
             assert f["features"].shape == (36, 384) and np.isfinite(f["features"][:]).all()
     assert not list(fdir.glob(".*"))
+
+
+def _reader_pids() -> list[int]:
+    """This process's reader processes (spawned children; not the resource tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"spawn_main" in cmd:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_reader_killed_mid_run_fails_at_most_its_slide_and_the_run_goes_on(
+        tmp_path, means_encoder):
+    """SIGKILL one reader process (as the OOM killer or a crash in a slide's decoder would)
+    while slides are being read: the readers are restarted, the run finishes every other
+    slide with the right features, and a rerun completes the rest."""
+    folder, out = tiled_slides(tmp_path, 4, 4096)
+    fdir = out / "features" / means_encoder
+    killed = []
+
+    def kill_a_reader():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (fdir.exists() and any(fdir.iterdir())):
+            time.sleep(0.01)
+        pids = _reader_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_a_reader)
+    killer.start()
+    args = ("extract", folder, "--out", out, "--encoder", means_encoder, "--weights",
+            "random", "--num-workers", "2", "--batch-size", "32")
+    r = cli(*args)
+    killer.join()
+    assert killed and "restarting the readers" in r.output, r.output
+    rep = report(out, means_encoder)
+    assert sorted(rep) == [f"k{i}" for i in range(4)]  # every slide reached
+    failed = [s for s, row in rep.items() if row["status"] != "ok"]
+    assert len(failed) <= 1 and r.exit_code == (1 if failed else 0), r.output
+    for s in failed:
+        assert "reader process died" in rep[s]["error"]
+        assert not (fdir / f"{s}.h5").exists()
+    r = cli(*args)  # the rerun does what is missing
+    assert r.exit_code == 0, r.output
+    for i in range(4):
+        f, coords, _, cattrs = feats(out, means_encoder, f"k{i}")
+        read = int(cattrs["read_size"])
+        with open_slide(folder / f"k{i}.svs") as sl:
+            ref = np.stack([sl.read_region(x, y, 0, read, read).reshape(-1, 3).mean(0) / 255
+                            for x, y in coords])
+        assert len(f) == 256 and np.abs(f - ref).max() < 0.01  # no slot was overwritten
 
 
 def test_two_devices_share_the_slides_and_match_one_device(tmp_path, slide_folder):

@@ -2,8 +2,9 @@
 
 Shape of the pipeline (one process per device):
 - reader processes (started once for the whole run, each with its own slide handles) read
-  chunks of patches as uint8 into shared-memory slots; chunks of the next slide are queued
-  while the current one finishes, so the device never waits at slide boundaries;
+  chunks of patches as uint8 into shared-memory slots (`reader_pool`); chunks of the next
+  slide are queued while the current one finishes, so the device never waits at slide
+  boundaries;
 - the main thread packs chunks into batches: each chunk is copied from its (page-locked)
   slot straight to the device on a feed stream, which also resizes and normalises, while
   the encoder runs the previous batch in the preset's precision (`device_side`);
@@ -19,11 +20,9 @@ import math
 import queue
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import torch
@@ -33,9 +32,10 @@ from .batch import Report, tile_slides
 from .device_side import BatchFeeder, DeviceRunner
 from .devices import pick_device
 from .encoders import EncoderConfig, load_encoder
-from .fast_reader import TiffTileReader, choose_reader
-from .gpu_decode import DecodeThread, choose_decode
-from .slides import Slide, open_slide
+from .fast_reader import choose_reader
+from .gpu_decode import choose_decode
+from .reader_pool import ReaderPool, ReadTask
+from .slides import open_slide
 from .tiling import (
     SlideJob,
     TileConfig,
@@ -81,184 +81,6 @@ def default_batch_size(cfg: EncoderConfig, device: torch.device) -> int:
         return 32
     big = cfg.dim >= 1536 or cfg.input_size > 224
     return 128 if big else 512
-
-
-# -- reading patches ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReadTask:
-    task_id: int
-    path: str
-    level: int
-    read_size: int
-    patch_size: int
-    coords: np.ndarray  # (n, 2) level-0
-    row0: int
-    page: int = -1  # ≥ 0: read raw tiles of this TIFF page (fast reader); else OpenSlide
-    downsample: float = 1.0  # of `level`, for the fast reader's level-0 → level mapping
-    gpu: bool = False  # decode the page's JPEG tiles in batches on the device
-
-
-class PatchReader:
-    """Reads patches at a level (OpenSlide, or raw TIFF tiles) and resizes them to
-    patch_size; keeps a few slides open."""
-
-    def __init__(self, max_open: int = 4):
-        self._open: OrderedDict[tuple, Slide | TiffTileReader] = OrderedDict()
-        self.max_open = max_open
-
-    def _handle(self, t: ReadTask) -> Slide | TiffTileReader:
-        key = (t.path, t.page)
-        if key in self._open:
-            self._open.move_to_end(key)
-            return self._open[key]
-        h = TiffTileReader(t.path, t.page) if t.page >= 0 else open_slide(t.path)
-        self._open[key] = h
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)[1].close()
-        return h
-
-    def read_into(self, t: ReadTask, out: np.ndarray) -> None:
-        h = self._handle(t)
-        for i, (x, y) in enumerate(t.coords):
-            if t.page >= 0:
-                region = h.read_level0(int(x), int(y), t.downsample, t.read_size,
-                                       t.read_size)
-            else:
-                region = h.read_region(int(x), int(y), t.level, t.read_size, t.read_size)
-            if t.read_size != t.patch_size:
-                region = cv2.resize(region, (t.patch_size, t.patch_size),
-                                    interpolation=cv2.INTER_AREA)
-            out[i] = region
-
-    def close(self) -> None:
-        for s in self._open.values():
-            s.close()
-        self._open.clear()
-
-
-READY = (-1, None, None)
-
-
-def _reader_main(task_q, done_q, free_q, slots: torch.Tensor) -> None:
-    """A reader process: take a task, take a free slot, fill it, say which."""
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    reader = PatchReader()
-    done_q.put(READY)
-    while True:
-        task = task_q.get()
-        if task is None:
-            break
-        slot = free_q.get()
-        try:
-            reader.read_into(task, slots[slot].numpy())
-            done_q.put((task.task_id, slot, None))
-        except Exception as e:
-            free_q.put(slot)
-            done_q.put((task.task_id, None, f"{type(e).__name__}: {' '.join(str(e).split())}"))
-    reader.close()
-
-
-class ReaderPool:
-    """Persistent reader processes sharing a ring of shared-memory slots (or, with
-    num_workers == 0, reads in the calling thread for tests and debugging), plus, for tasks
-    marked `gpu`, a thread decoding JPEG tiles in batches on `device`. Results of both come
-    back through one queue as (task_id, slot | (patches, event) | None, error | None)."""
-
-    def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int,
-                 device: torch.device | None = None):
-        self.num_workers, self.device = num_workers, device
-        self.slots = torch.empty((n_slots, chunk, patch_size, patch_size, 3), dtype=torch.uint8)
-        self.results: queue.Queue = queue.Queue()
-        self.procs = []
-        self.decoder: DecodeThread | None = None
-        if num_workers == 0:
-            self.reader = PatchReader()
-            self.free = list(range(n_slots))
-            return
-        ctx = torch.multiprocessing.get_context("spawn")
-        self.slots.share_memory_()
-        self.task_q, self.done_q, self.free_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        for s in range(n_slots):
-            self.free_q.put(s)
-        for _ in range(num_workers):
-            p = ctx.Process(target=_reader_main, daemon=True,
-                            args=(self.task_q, self.done_q, self.free_q, self.slots))
-            p.start()
-            self.procs.append(p)
-        started = 0
-        while started < num_workers:  # imports take seconds: not counted as a slide's time
-            try:
-                started += self.done_q.get(timeout=5.0) == READY
-            except queue.Empty:
-                if any(not p.is_alive() for p in self.procs):
-                    self.close_workers()
-                    raise RuntimeError("a reader process died while starting") from None
-        self._forward = threading.Thread(target=self._forward_main, daemon=True)
-        self._forward.start()
-
-    def _forward_main(self) -> None:
-        while (item := self.done_q.get()) is not None:
-            self.results.put(item)
-
-    def submit(self, task: ReadTask) -> None:
-        if task.gpu:
-            if self.decoder is None:
-                self.decoder = DecodeThread(self.device or torch.device("cpu"), self.results)
-                self.decoder.start()
-            self.decoder.tasks.put(task)
-        elif self.num_workers == 0:
-            slot = self.free.pop()
-            try:
-                self.reader.read_into(task, self.slots[slot].numpy())
-                self.results.put((task.task_id, slot, None))
-            except Exception as e:
-                self.free.append(slot)
-                self.results.put((task.task_id, None, f"{type(e).__name__}: {e}"))
-        else:
-            self.task_q.put(task)
-
-    def get(self, timeout: float = 600.0) -> tuple[int, int | tuple | None, str | None]:
-        while True:
-            try:
-                return self.results.get(timeout=5.0)
-            except queue.Empty:
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"{len(dead)} reader process(es) died (exit codes "
-                                       f"{[p.exitcode for p in dead]})") from None
-                if self.decoder is not None and not self.decoder.is_alive():
-                    raise RuntimeError("the decode thread died") from None
-                timeout -= 5.0
-                if timeout <= 0:
-                    raise RuntimeError("reader processes stalled for 10 minutes") from None
-
-    def release(self, got: int | tuple) -> None:
-        """Give back what a result held: a shared-memory slot, or room on the device."""
-        if isinstance(got, tuple):
-            self.decoder.release()
-        elif self.num_workers == 0:
-            self.free.append(got)
-        else:
-            self.free_q.put(got)
-
-    def close(self) -> None:
-        if self.decoder is not None:
-            self.decoder.stop()
-        if self.num_workers == 0:
-            self.reader.close()
-            return
-        self.close_workers()
-        self.done_q.put(None)
-        self._forward.join(timeout=10)
-
-    def close_workers(self) -> None:
-        for _ in self.procs:
-            self.task_q.put(None)
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
 
 
 # -- per-slide state and the writer thread -------------------------------------------------
