@@ -3,11 +3,12 @@
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from wsi_embed.h5io import COORDS_SCHEMA, check_output
+from wsi_embed.h5io import COORDS_SCHEMA, TMP_SUFFIX, check_output, remove_stale_tmp
 
 from .conftest import CMU, cli, copy, small_slide
 
@@ -90,6 +91,21 @@ def test_sigkill_mid_run_leaves_only_complete_outputs(tmp_path):
     assert not list((out / "coords").glob(".*"))  # stale temporaries cleaned
     for i in range(8):
         assert check_output(out / "coords" / f"k{i}.h5", COORDS_SCHEMA) is None
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    """What a killed run leaves: HDF5 temporaries and PNG ones (`.tmp.png`); a live
+    process's and another host's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    gone = [f".a.h5.{host}.{dead.pid}{TMP_SUFFIX}", f".b.png.{host}.{dead.pid}{TMP_SUFFIX}.png"]
+    kept = [f".c.h5.{host}.{os.getpid()}{TMP_SUFFIX}", f".d.h5.x{host}.{dead.pid}{TMP_SUFFIX}",
+            f".e.png.{host}.{os.getpid()}{TMP_SUFFIX}.png", "f.h5"]
+    for name in gone + kept:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_tmp(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_two_shards_cover_every_slide_exactly_once(slide_folder, tmp_path):

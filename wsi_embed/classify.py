@@ -15,7 +15,14 @@ import numpy as np
 from .bags import BagStore, scan_features
 from .batch import Report, UsageError, discover
 from .devices import pick_device
-from .h5io import FeatureFileError, atomic_h5, read_patch_coords, set_attrs, write_coords_dataset
+from .h5io import (
+    FeatureFileError,
+    atomic_h5,
+    read_patch_coords,
+    remove_stale_tmp,
+    set_attrs,
+    write_coords_dataset,
+)
 from .slide_model import ModelError, load_model, predict_bag
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,8 @@ def run_classify(cfg: ClassifyConfig) -> dict[str, int]:
     check_compatible(spec, fs, cfg.features)
     slides = _slide_paths(cfg.slides) if cfg.slides else {}
     cfg.out.mkdir(parents=True, exist_ok=True)
+    for sub in ("attention", "heatmaps", "patches", "geojson"):
+        remove_stale_tmp(cfg.out / sub)
     store = BagStore(fs.metas, cache_bytes=0)  # each bag is used once
     columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in spec.classes),
                "status", "error"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,16 +37,19 @@ def tmp_path(final: Path) -> Path:
 
 
 def remove_stale_tmp(folder: Path) -> int:
-    """Delete temporary files that this host's dead processes left behind (killed runs)."""
-    host, removed = socket.gethostname(), 0
+    """Delete temporary files that this host's dead processes left behind (killed runs):
+    `.<name>.<host>.<pid>.tmp`, with an extension after it for PNGs. Host names may hold
+    dots; other hosts' files are left alone (their processes may be alive)."""
     if not folder.is_dir():
         return 0
-    for p in folder.glob(f".*{TMP_SUFFIX}"):
-        parts = p.name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
-        if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
-            if not _pid_alive(int(parts[2])):
-                p.unlink(missing_ok=True)
-                removed += 1
+    mine = re.compile(rf"\.(.+)\.{re.escape(socket.gethostname())}\.(\d+)"
+                      rf"{re.escape(TMP_SUFFIX)}(\.\w+)?")
+    removed = 0
+    for p in folder.glob(f".*{TMP_SUFFIX}*"):
+        m = mine.fullmatch(p.name)
+        if m and not _pid_alive(int(m.group(2))):
+            p.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 
