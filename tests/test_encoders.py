@@ -110,6 +110,38 @@ def test_conch_v1_official_layout_loads_and_drops_text_tower(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("layout", ["transformers 5", "hub (transformers 4)"])
+def test_phikon_v2_official_layout_gives_the_hf_model_s_features(tmp_path, layout):
+    """A real transformers Dinov2Model in phikon-v2's configuration, saved as the hub
+    file is laid out: our timm model with the remapped weights must give its features (CLS
+    of last_hidden_state, as Owkin's model card takes them). q/k/v in the wrong order, or
+    the two layer scales swapped, load strictly but give other features."""
+    from safetensors.torch import save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    hf = Dinov2Model(Dinov2Config(image_size=224, patch_size=16, hidden_size=1024,
+                                  num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                                  layerscale_value=1e-5)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # untrained layer scales and biases would hide swaps
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if layout.startswith("hub"):
+        for new, old in (("attention.q_proj", "attention.attention.query"),
+                         ("attention.k_proj", "attention.attention.key"),
+                         ("attention.v_proj", "attention.attention.value"),
+                         ("attention.o_proj", "attention.output.dense")):
+            sd = {k.replace(new, old): v for k, v in sd.items()}
+    save_file(sd, tmp_path / "model.safetensors")
+    ours, _, _ = load_encoder("phikon_v2", str(tmp_path / "model.safetensors"))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        want = hf(pixel_values=x).last_hidden_state[:, 0]
+        got = ours(x)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_checkpoint_with_wrong_keys_lists_them(tmp_path):
     sd = build_encoder("kaiko_vits16")[0].state_dict()
     sd.pop("trunk.norm.weight")

@@ -271,10 +271,20 @@ def _prefix(sd: dict, old: str, new: str) -> dict:
     return {new + k[len(old):]: v for k, v in sd.items() if k.startswith(old)}
 
 
+#: transformers ≥ 5 names Dinov2's attention q/k/v/o_proj; the hub files keep the 4.x names
+_HF5_ATTENTION = {"attention.q_proj": "attention.attention.query",
+                  "attention.k_proj": "attention.attention.key",
+                  "attention.v_proj": "attention.attention.value",
+                  "attention.o_proj": "attention.output.dense"}
+
+
 def _hf_dinov2(sd: dict) -> dict:
-    """HF transformers Dinov2Model keys → timm ViT keys (ENCODERS.md §3.2)."""
+    """HF transformers Dinov2Model keys (4.x as on the hub, or 5.x) → timm ViT keys
+    (ENCODERS.md §3.2)."""
     out: dict[str, torch.Tensor] = {}
     sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
+    for new, old in _HF5_ATTENTION.items():
+        sd = {k.replace(new, old): v for k, v in sd.items()}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         if k.startswith("embeddings.mask_token") or k.startswith("pooler"):
