@@ -20,30 +20,31 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from wsi_embed.device_side import BatchFeeder, DeviceRunner
+from wsi_embed.batch import Report
+from wsi_embed.device_side import DeviceRunner
 from wsi_embed.devices import pick_device
 from wsi_embed.encoders import build_encoder, get_config
 from wsi_embed.extract import (
-    HELD_BATCHES,
+    EXTRACT_COLUMNS,
     PRECISIONS,
+    ExtractConfig,
     default_batch_size,
-    prepare_slide,
-    read_tasks,
-    task_size,
+    pipeline,
 )
 from wsi_embed.h5io import read_coords_file
-from wsi_embed.reader_pool import ReaderPool
-from wsi_embed.tiling import SlideJob
+from wsi_embed.tiling import SlideJob, TileConfig, TileParams
 
 
 def make_slide(path: Path, side: int, mpp: float = 0.5) -> Path:
@@ -101,45 +102,38 @@ def run_extract(slide: Path, out: Path, args, copies: int = 1) -> dict:
             "rss_mb": usage.ru_maxrss / 1024}
 
 
+class ChannelMean(torch.nn.Module):
+    """Stands in for the encoder in the reading-only run: reading, batching, the copy to the
+    device and the preprocessing all stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(dim=(2, 3))
+
+
 def reading_only(slide: Path, coords: Path, reader: str, decode: str, args,
-                 device: torch.device, chunk: int = 64, batch: int = 512) -> tuple[float, str]:
-    """Patches/s delivered to the device with no encoder behind them: read into shared
-    memory by the reader processes (or decoded on the device), packed into batches of
-    `batch`, copied over and preprocessed for `args.encoder`, as `extract` does."""
-    patch = int(read_coords_file(coords).attrs["patch_size"])
-    st = prepare_slide(SlideJob(slide, slide.stem), coords, patch, reader, decode, device)
-    n_slots = max(8, 3 * args.num_workers) + (2 + HELD_BATCHES) * (batch // chunk)
-    t0 = time.perf_counter()
-    pool = ReaderPool(args.num_workers, chunk, patch, n_slots, device)
-    print(f"({args.num_workers} reader processes started in {time.perf_counter() - t0:.1f} s)")
-    runner = DeviceRunner(torch.nn.Identity(), get_config(args.encoder), device,
-                          torch.float32, batch, False)
-    feeder = BatchFeeder(pool, runner, batch, HELD_BATCHES)
-    if device.type == "cuda":
-        print(f"(slots page-locked: {feeder.pinned}, {pool.slots.is_pinned()})")
-    tasks = iter(read_tasks(st, task_size(st, chunk, batch), patch))
-    t0, inflight, pend, n = time.perf_counter(), 0, [], 0
-    while True:
-        while inflight < args.num_workers * 2 and (t := next(tasks, None)) is not None:
-            pool.submit(t)
-            inflight += 1
-        if not inflight and not pend:
-            break
-        tid, got, err = pool.get()
-        assert err is None, err
-        inflight -= 1
-        k = chunk if isinstance(got, int) else len(got[0])
-        pend.append((None, 0, k, got))
-        n += k
-        if n >= batch or not inflight:
-            feeder(pend)
-            pend, n = [], 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    secs = time.perf_counter() - t0
-    feeder.close()
-    pool.close()
-    return len(st.coords) / secs, st.reader
+                 device: torch.device, batch: int = 512) -> tuple[float, str]:
+    """Patches/s delivered to the device with no encoder behind them: `extract`'s own
+    pipeline (reader processes or device decode, batches of `batch`, copy and preprocessing
+    for `args.encoder`) with a per-channel mean for an encoder; its steady rate after the
+    first batch, so reader start-up stays out."""
+    out = Path(tempfile.mkdtemp(prefix="wsi-embed-reading-"))
+    geom = read_coords_file(coords).attrs
+    ecfg = replace(get_config(args.encoder), dim=3)
+    precision = "fp32" if device.type == "cpu" else (args.precision or ecfg.precision)
+    runner = DeviceRunner(ChannelMean(), ecfg, device, PRECISIONS[precision], batch, False)
+    cfg = ExtractConfig(out, "reading_only", num_workers=args.num_workers, reader=reader,
+                        decode=decode)
+    params = TileParams(float(geom["target_mpp"]), int(geom["patch_size"]))
+    report = Report(out / "report.csv", EXTRACT_COLUMNS)
+    try:
+        rate = pipeline([(SlideJob(slide, slide.stem), coords)], cfg, TileConfig(out, params),
+                        runner, batch, {}, report, {"ok": 0, "skipped": 0, "failed": 0})
+    finally:
+        report.close()
+    row = report.rows[0]
+    if row["status"] != "ok":
+        raise SystemExit(f"reading only failed: {row['error']}")
+    return rate.per_s, row["reader"]
 
 
 @torch.inference_mode()
@@ -188,6 +182,7 @@ def main() -> None:
                     help="of the made slide; 0.25 reads 512 px at level 0 per 256 px patch "
                          "at the default 0.5 µm/px (4 tiles each) and downsamples them")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="wsi-embed-extract-bench-"))
     slide = args.slide or make_slide(work / "big.svs", args.side, args.mpp)
     device = pick_device(args.device)

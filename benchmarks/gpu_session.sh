@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 mk() { python3 -c "import sys; from pathlib import Path; from wsi_embed.synthetic import blob_slide; blob_slide(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[2]), mpp=float(sys.argv[3]))" "$@"; }
 mk "$work/s050.svs" 36864 0.5
-b() { echo "== $*"; timeout 200 python3 benchmarks/extract_throughput.py --num-workers 16 "$@" 2>&1 | grep -vi warn; }
+b() { echo "== $*"; timeout 200 python3 benchmarks/extract_throughput.py --num-workers 16 "$@" 2>&1 | grep -v "DeprecationWarning\|warnings.warn"; }
 if [[ $part == *1* ]]; then
 {
 b --slide "$work/s050.svs" --encoder kaiko_vitb16 --precision bf16 --decode cpu --copies 4
@@ -31,5 +31,5 @@ if [[ $part == *2* ]] && command -v py-spy >/dev/null; then
   python3 -m wsi_embed.cli tile "$d/slides" --out "$d" --tissue none --num-workers 0 --log-level WARNING
   timeout 150 py-spy record --nonblocking --threads --idle --rate 100 --format raw -o "$out/prof_vitb16.txt" -- \
     python3 -m wsi_embed.cli extract "$d/slides" --out "$d" --encoder kaiko_vitb16 --weights random \
-    --precision bf16 --num-workers 16 --log-level INFO 2>&1 | grep -i "steady\|error" | tee "$out/prof.log"
+    --precision bf16 --num-workers 16 --log-level INFO 2>&1 | grep -i "steady\|error\|warning" | tee "$out/prof.log"
 fi

@@ -115,7 +115,7 @@ class FeatureWriter(threading.Thread):
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         # for the steady rate after the first batch (its time includes warm-up)
-        self.batches = self.patches = self.first_n = 0
+        self.patches = self.first_n = 0
         self.first_at = self.last_at = 0.0
 
     def run(self) -> None:
@@ -138,11 +138,10 @@ class FeatureWriter(threading.Thread):
             self._finish(payload)
             return
         feats = payload.float().cpu().numpy()
-        self.batches += 1
-        self.patches += len(feats)
         self.last_at = time.perf_counter()
-        if self.batches == 1:
+        if not self.patches:
             self.first_at, self.first_n = self.last_at, len(feats)
+        self.patches += len(feats)
         if not np.isfinite(feats).all():
             for st, _, n, off in segments:  # _fail records each slide once
                 if not np.isfinite(feats[off : off + n]).all():
@@ -268,7 +267,7 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
     log.info("extracting %d slides with %s (%s, %s weights) on %s, batch %d, %d readers",
              len(todo), cfg.encoder, attrs["precision"], attrs["weights"][:20], first, batch,
              cfg.num_workers)
-    _pipeline(todo, cfg, tile_cfg, runner, batch, attrs, report, counts)
+    pipeline(todo, cfg, tile_cfg, runner, batch, attrs, report, counts)
     return counts
 
 
@@ -291,7 +290,7 @@ def _device_main(device: str, cfg: ExtractConfig, tile_cfg: TileConfig, job_q, r
         while (item := job_q.get()) is not None:
             yield item
 
-    _pipeline(pull(), cfg, tile_cfg, runner, batch, attrs, _QueueReport(row_q),
+    pipeline(pull(), cfg, tile_cfg, runner, batch, attrs, _QueueReport(row_q),
               {"ok": 0, "skipped": 0, "failed": 0})
 
 
@@ -354,8 +353,9 @@ def prepare_slide(job: SlideJob, cpath: Path, patch: int, reader: str, decode: s
     if int(geom["patch_size"]) != patch:
         raise ValueError(f"coords file {cpath} has patch_size {geom['patch_size']}, "
                          f"this run {patch}: re-tile or pass --patch-size")
-    tiled_at = float(geom.get("target_mpp", target_mpp or 0))
-    if target_mpp is not None and not math.isclose(tiled_at, target_mpp, rel_tol=1e-6):
+    tiled_at = geom.get("target_mpp")
+    if (target_mpp is not None and tiled_at is not None
+            and not math.isclose(float(tiled_at), target_mpp, rel_tol=1e-6)):
         raise ValueError(f"coords file {cpath} was tiled at {tiled_at:g} µm/px, this run asks "
                          f"for {target_mpp:g}: pass --target-mpp {tiled_at:g} to use it, or "
                          f"re-tile at {target_mpp:g} with `wsi-embed tile --overwrite`")
@@ -393,8 +393,25 @@ class _Pending:
     n: int = 0
 
 
-def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunner,
-              batch: int, attrs: dict, report: Report, counts: dict[str, int]) -> None:
+@dataclass(frozen=True)
+class SteadyRate:
+    """Whether the device was fed: patches after the first (warm-up) batch over the time
+    since, and how long the main thread waited for reads (the device starved) or for the
+    device (as it should)."""
+
+    n: int
+    secs: float
+    wait_readers: float
+    wait_device: float
+
+    @property
+    def per_s(self) -> float:
+        return self.n / self.secs if self.secs > 0 else 0.0
+
+
+def pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunner,
+             batch: int, attrs: dict, report: Report, counts: dict[str, int]) -> SteadyRate:
+    """Features of every (slide job, coords path) in `todo` on `runner`'s device."""
     chunk = min(cfg.chunk, batch)
     patch = tile_cfg.params.patch_size
     per_batch = math.ceil(batch / chunk)
@@ -458,20 +475,13 @@ def _pipeline(todo, cfg: ExtractConfig, tile_cfg: TileConfig, runner: DeviceRunn
             if st.writer is not None and not st.done:
                 st.writer.abort()
     _check_writer(writer)
-    _log_rates(writer, waits)
-
-
-def _log_rates(writer: FeatureWriter, waits: dict[str, float]) -> None:
-    """Whether the device was fed: the steady rate after the first (warm-up) batch, and how
-    long the main thread waited for reads (the device starved) or for the device (as it
-    should)."""
-    if writer.batches < 2:
-        return
-    secs = writer.last_at - writer.first_at
-    n = writer.patches - writer.first_n
-    log.info("steady rate: %d patches in %.2f s after the first batch = %.1f patches/s; "
-             "main thread waited %.1f s for readers, %.1f s for the device", n, secs,
-             n / secs if secs > 0 else 0.0, waits["readers"], waits["device"])
+    rate = SteadyRate(writer.patches - writer.first_n, writer.last_at - writer.first_at,
+                      waits["readers"], waits["device"])
+    if rate.n:
+        log.info("steady rate: %d patches in %.2f s after the first batch = %.1f patches/s; "
+                 "main thread waited %.1f s for readers, %.1f s for the device", rate.n,
+                 rate.secs, rate.per_s, rate.wait_readers, rate.wait_device)
+    return rate
 
 
 def _check_writer(writer: FeatureWriter) -> None:

@@ -68,72 +68,106 @@ def choose_reader(slide: Slide, level: int, mode: str) -> ReaderChoice:
     return ReaderChoice("openslide", page)
 
 
+#: a level-0 corner closer than this (in the level's pixels) to a pixel is read unshifted
+SUBPIXEL = 1e-3
+
+
+@dataclass
+class TileGrid:
+    """Where one TIFF page's tiles lie in the file and how they tile the level; shared by
+    the CPU reader here and the device decoder (`gpu_decode`)."""
+
+    offsets: np.ndarray
+    counts: np.ndarray  # 0: a tile never written (glass), read as white
+    tables: bytes | None  # shared JPEGTables of abbreviated JPEG tiles
+    width: int
+    height: int
+    tw: int
+    th: int
+
+    @classmethod
+    def of(cls, page: tifffile.TiffPage) -> TileGrid:
+        return cls(np.asarray(page.dataoffsets, np.int64),
+                   np.asarray(page.databytecounts, np.int64), page.jpegtables,
+                   page.imagewidth, page.imagelength, page.tilewidth, page.tilelength)
+
+    @property
+    def ntx(self) -> int:
+        return -(-self.width // self.tw)
+
+    @property
+    def nty(self) -> int:
+        return -(-self.height // self.th)
+
+
 class TiffTileReader:
     """Reads RGB regions of one level of a tiled TIFF, decoding each tile at most once while
     it stays in a small LRU cache (a grid of patches reuses its tiles)."""
 
     def __init__(self, path: str | Path, page: int, cache_tiles: int = 96):
         self._tf = tifffile.TiffFile(path)
-        p = self._tf.pages[page]
-        self.page = p
-        self.width, self.height = p.imagewidth, p.imagelength
-        self.tw, self.th = p.tilewidth, p.tilelength
-        self.nx = -(-self.width // self.tw)
+        self.page = self._tf.pages[page]
+        self.grid = TileGrid.of(self.page)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_tiles = cache_tiles
         self.decoded = 0  # tiles decoded so far (tests check tiles are not decoded twice)
 
     def _tile(self, tx: int, ty: int) -> np.ndarray:
-        i = ty * self.nx + tx
+        g = self.grid
+        i = ty * g.ntx + tx
         t = self._cache.get(i)
         if t is not None:
             self._cache.move_to_end(i)
             return t
-        p = self.page
-        nbytes = p.databytecounts[i]
-        if nbytes == 0:  # a tile never written: no scanned data, glass
-            t = np.full((self.th, self.tw, 3), 255, np.uint8)
+        if g.counts[i] == 0:  # a tile never written: no scanned data, glass
+            t = np.full((g.th, g.tw, 3), 255, np.uint8)
         else:
-            decode = p.decode  # first access reads from the file: before our seek
+            decode = self.page.decode  # first access reads from the file: before our seek
             fh = self._tf.filehandle
-            fh.seek(p.dataoffsets[i])
-            seg = decode(fh.read(nbytes), i, jpegtables=p.jpegtables)[0]
-            t = np.asarray(seg).reshape(self.th, self.tw, -1)[..., :3]
+            fh.seek(int(g.offsets[i]))
+            seg = decode(fh.read(int(g.counts[i])), i, jpegtables=g.tables)[0]
+            t = np.asarray(seg).reshape(g.th, g.tw, -1)[..., :3]
             self.decoded += 1
         self._cache[i] = t
         while len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
         return t
 
-    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB (h, w, 3) with top-left (x, y) in this level's pixels; outside is white."""
-        out = np.full((h, w, 3), 255, np.uint8)
+    def read(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """RGB (h, w, 3) with top-left (x, y) in this level's pixels; outside is white.
+        Written into `out` when given (a reader's shared-memory slot: no copy)."""
+        g = self.grid
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, self.width), min(y + h, self.height)
-        for ty in range(y0 // self.th, (y1 - 1) // self.th + 1 if y1 > y0 else 0):
-            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1 if x1 > x0 else 0):
+        x1, y1 = min(x + w, g.width), min(y + h, g.height)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out[:] = 255  # part of it lies outside the level
+        for ty in range(y0 // g.th, (y1 - 1) // g.th + 1 if y1 > y0 else 0):
+            for tx in range(x0 // g.tw, (x1 - 1) // g.tw + 1 if x1 > x0 else 0):
                 t = self._tile(tx, ty)
-                ax, ay = max(x0, tx * self.tw), max(y0, ty * self.th)
-                bx, by = min(x1, (tx + 1) * self.tw), min(y1, (ty + 1) * self.th)
-                out[ay - y:by - y, ax - x:bx - x] = t[ay - ty * self.th:by - ty * self.th,
-                                                      ax - tx * self.tw:bx - tx * self.tw]
+                ax, ay = max(x0, tx * g.tw), max(y0, ty * g.th)
+                bx, by = min(x1, (tx + 1) * g.tw), min(y1, (ty + 1) * g.th)
+                out[ay - y:by - y, ax - x:bx - x] = t[ay - ty * g.th:by - ty * g.th,
+                                                      ax - tx * g.tw:bx - tx * g.tw]
         return out
 
-    def close(self) -> None:
-        self._tf.close()
-
-
-    def read_level0(self, x0: int, y0: int, downsample: float, w: int, h: int) -> np.ndarray:
+    def read_level0(self, x0: int, y0: int, downsample: float, w: int, h: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
         """Like OpenSlide's read_region: top-left (x0, y0) in level-0 px. Where that falls
         between this level's pixels (levels whose downsample is not a whole number, such as
         2.0004), the region is shifted by the fraction with bilinear interpolation, as
-        OpenSlide does."""
+        OpenSlide does. Written into `out` when given."""
         fx, fy = x0 / downsample, y0 / downsample
         ix, iy = math.floor(fx), math.floor(fy)
         dx, dy = fx - ix, fy - iy
-        if dx < 1e-3 and dy < 1e-3:
-            return self.read(ix, iy, w, h)
+        if dx < SUBPIXEL and dy < SUBPIXEL:
+            return self.read(ix, iy, w, h, out)
         big = self.read(ix, iy, w + 1, h + 1)
         m = np.float32([[1, 0, -dx], [0, 1, -dy]])
-        return cv2.warpAffine(big, m, (w, h), flags=cv2.INTER_LINEAR,
+        return cv2.warpAffine(big, m, (w, h), dst=out, flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
+
+    def close(self) -> None:
+        self._tf.close()

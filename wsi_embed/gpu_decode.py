@@ -34,7 +34,8 @@ import tifffile
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .fast_reader import TiffTileReader
+from .fast_reader import SUBPIXEL, TiffTileReader, TileGrid
+from .tiling import describe_error
 
 # torchvision ≥ 0.29 warns that its image codecs will move to torchcodec; they still work
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
@@ -47,27 +48,6 @@ YCBCR = 6
 #: not trusted. A colour-space mix-up gives ≈ 49 (CMU-1); nvJPEG's chroma upsampling alone
 #: differs from libjpeg-turbo's by 0.1 on smooth tissue and 4.5 on pixel-scale colour texture
 CANARY_MAD = 8.0
-
-
-@dataclass
-class _Page:
-    """Where one TIFF page's tiles are and how they fit together."""
-
-    offsets: np.ndarray
-    counts: np.ndarray
-    tables: bytes | None
-    width: int
-    height: int
-    tw: int
-    th: int
-
-    @property
-    def ntx(self) -> int:
-        return -(-self.width // self.tw)
-
-    @property
-    def nty(self) -> int:
-        return -(-self.height // self.th)
 
 
 def gpu_unsupported(path: str, page: int) -> str | None:
@@ -87,14 +67,11 @@ class TileSource:
 
     def __init__(self, path: str, page: int):
         with tifffile.TiffFile(path) as tf:
-            p = tf.pages[page]
-            self.page = _Page(np.asarray(p.dataoffsets, np.int64),
-                              np.asarray(p.databytecounts, np.int64), p.jpegtables,
-                              p.imagewidth, p.imagelength, p.tilewidth, p.tilelength)
+            self.grid = TileGrid.of(tf.pages[page])
         self.fd = os.open(path, os.O_RDONLY)
 
     def stream(self, i: int) -> torch.Tensor:
-        pg = self.page
+        pg = self.grid
         b = os.pread(self.fd, int(pg.counts[i]), int(pg.offsets[i]))
         if pg.tables:  # abbreviated stream: tables (without EOI) + tile (without SOI)
             b = pg.tables[:-2] + b[2:]
@@ -118,12 +95,12 @@ class TilePlan:
     size: int  # pixels gathered per side: the read size, +1 with a shift
 
 
-def plan_tiles(pg: _Page, coords: np.ndarray, downsample: float, read_size: int) -> TilePlan:
+def plan_tiles(pg: TileGrid, coords: np.ndarray, downsample: float, read_size: int) -> TilePlan:
     """Level-0 top-lefts → the tiles of this level each patch spans."""
     fx, fy = coords[:, 0] / downsample, coords[:, 1] / downsample
     ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
     dx, dy = fx - ix, fy - iy
-    shift = bool((dx >= 1e-3).any() or (dy >= 1e-3).any())
+    shift = bool((dx >= SUBPIXEL).any() or (dy >= SUBPIXEL).any())
     size = read_size + int(shift)
     kx, ky = (size - 1) // pg.tw + 2, (size - 1) // pg.th + 2
     tx = ix[:, None] // pg.tw + np.arange(kx)  # (n, kx)
@@ -137,7 +114,7 @@ def plan_tiles(pg: _Page, coords: np.ndarray, downsample: float, read_size: int)
     return TilePlan(tiles, grid, ix, iy, dx, dy, shift, size)
 
 
-def assemble(tiles: torch.Tensor, plan: TilePlan, pg: _Page, patch_size: int,
+def assemble(tiles: torch.Tensor, plan: TilePlan, pg: TileGrid, patch_size: int,
              piece_px: int = 1 << 23) -> torch.Tensor:
     """Patches (n, P, P, 3) uint8 from `tiles` (T + 1, th, tw, 3), the last one white."""
     dev = tiles.device
@@ -238,7 +215,7 @@ class JpegTileDecoder:
              read_size: int, patch_size: int) -> torch.Tensor:
         """Patches (n, P, P, 3) uint8 on the device; top-lefts `coords` in level-0 px."""
         src = self._source(path, page)
-        pg = src.page
+        pg = src.grid
         plan = plan_tiles(pg, np.asarray(coords), downsample, read_size)
         have: dict[int, torch.Tensor] = {}
         missing = []
@@ -278,7 +255,7 @@ def canary(path: str, page: int, device: torch.device) -> str | None:
     dec = JpegTileDecoder(device)
     try:
         src = dec._source(path, page)
-        pg = src.page
+        pg = src.grid
         written = np.flatnonzero(pg.counts)
         if not len(written):
             return None
@@ -341,7 +318,7 @@ class DecodeThread(threading.Thread):
                         event.record(stream)
                     self.results.put((task.task_id, (out, event), None))
                 except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
-                    msg = f"GPU decode: {type(e).__name__}: {' '.join(str(e).split())}"
+                    msg = f"GPU decode: {describe_error(e)}"
                     self.room.release()  # nothing is held for a failed batch
                     self.results.put((task.task_id, None, msg))
         self.decoder.close()

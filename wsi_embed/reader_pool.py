@@ -25,6 +25,7 @@ import torch
 from .fast_reader import TiffTileReader
 from .gpu_decode import DecodeThread
 from .slides import Slide, open_slide
+from .tiling import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,21 @@ class PatchReader:
         return h
 
     def read_into(self, t: ReadTask, out: np.ndarray) -> None:
+        """Patches of `t` into `out` (n, P, P, 3); the fast reader and the resize write
+        straight into it."""
         h = self._handle(t)
+        native = t.read_size == t.patch_size
         for i, (x, y) in enumerate(t.coords):
             if t.page >= 0:
                 region = h.read_level0(int(x), int(y), t.downsample, t.read_size,
-                                       t.read_size)
+                                       t.read_size, out[i] if native else None)
             else:
                 region = h.read_region(int(x), int(y), t.level, t.read_size, t.read_size)
-            if t.read_size != t.patch_size:
-                region = cv2.resize(region, (t.patch_size, t.patch_size),
-                                    interpolation=cv2.INTER_AREA)
-            out[i] = region
+            if not native:
+                cv2.resize(region, (t.patch_size, t.patch_size), dst=out[i],
+                           interpolation=cv2.INTER_AREA)
+            elif t.page < 0:
+                out[i] = region
 
     def close(self) -> None:
         for s in self._open.values():
@@ -105,8 +110,7 @@ def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
             done_q.put((task.task_id, slot, None))
         except Exception as e:
             free_q.put(slot)
-            msg = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
-            done_q.put((task.task_id, None, msg))
+            done_q.put((task.task_id, None, describe_error(e)[:1000]))
         claim[:] = -1
     reader.close()
 
@@ -124,7 +128,6 @@ class ReaderPool:
         self.results: queue.Queue = queue.Queue()
         self.procs: list = []
         self.decoder: DecodeThread | None = None
-        self.restarts = 0
         if num_workers == 0:
             self.reader = PatchReader()
             self.free = list(range(n_slots))
@@ -208,7 +211,6 @@ class ReaderPool:
                 del self._pending[t]
             again = [self._pending[t] for t in sorted(self._pending)]
             free = set(range(len(self.slots))) - self._out
-        self.restarts += 1
         log.warning("%d reader process(es) died (%s); restarting the readers, "
                     "failing %d task(s) and reading %d again", len(dead), codes, len(failed),
                     len(again))
@@ -242,7 +244,7 @@ class ReaderPool:
                 self.results.put((task.task_id, slot, None))
             except Exception as e:
                 self.free.append(slot)
-                self.results.put((task.task_id, None, f"{type(e).__name__}: {e}"))
+                self.results.put((task.task_id, None, describe_error(e)))
         else:
             with self._lock:
                 self._pending[task.task_id] = task

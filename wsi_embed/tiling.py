@@ -259,11 +259,17 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
                           level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
                           warning=warning)
     except (SlideError, OSError, ValueError) as e:
-        return report_row(job, "failed", t0, error=_one_line(e))
+        return report_row(job, "failed", t0, error=one_line(e))
     except Exception as e:  # a batch must outlive any single slide's surprise
         log.debug("unexpected error on %s", job.slide_id, exc_info=True)
-        return report_row(job, "failed", t0, error=f"{type(e).__name__}: {_one_line(e)}")
+        return report_row(job, "failed", t0, error=describe_error(e))
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An error's message on one line, for a report's CSV cell."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def describe_error(e: BaseException) -> str:
+    """An unexpected error for a report: its type and its one-line message."""
+    return f"{type(e).__name__}: {one_line(e)}"
