@@ -194,11 +194,10 @@ def _reader_pids() -> list[int]:
     return pids
 
 
-def test_a_reader_killed_mid_run_fails_at_most_its_slide_and_the_run_goes_on(
-        tmp_path, means_encoder):
-    """SIGKILL one reader process (as the OOM killer or a crash in a slide's decoder would)
-    while slides are being read: the readers are restarted, the run finishes every other
-    slide with the right features, and a rerun completes the rest."""
+def test_a_reader_killed_mid_run_costs_no_slide(tmp_path, means_encoder):
+    """SIGKILL one reader process (as the OOM killer would) while slides are being read: the
+    readers are restarted, what the dead one was reading is read again, and every slide ends
+    with the right features in that same run."""
     folder, out = tiled_slides(tmp_path, 4, 4096)
     fdir = out / "features" / means_encoder
     killed = []
@@ -214,20 +213,14 @@ def test_a_reader_killed_mid_run_fails_at_most_its_slide_and_the_run_goes_on(
 
     killer = threading.Thread(target=kill_a_reader)
     killer.start()
-    args = ("extract", folder, "--out", out, "--encoder", means_encoder, "--weights",
+    r = cli("extract", folder, "--out", out, "--encoder", means_encoder, "--weights",
             "random", "--num-workers", "2", "--batch-size", "32")
-    r = cli(*args)
     killer.join()
     assert killed and "restarting the readers" in r.output, r.output
-    rep = report(out, means_encoder)
-    assert sorted(rep) == [f"k{i}" for i in range(4)]  # every slide reached
-    failed = [s for s, row in rep.items() if row["status"] != "ok"]
-    assert len(failed) <= 1 and r.exit_code == (1 if failed else 0), r.output
-    for s in failed:
-        assert "reader process died" in rep[s]["error"]
-        assert not (fdir / f"{s}.h5").exists()
-    r = cli(*args)  # the rerun does what is missing
     assert r.exit_code == 0, r.output
+    rep = report(out, means_encoder)
+    assert sorted(rep) == [f"k{i}" for i in range(4)]
+    assert all(row["status"] == "ok" for row in rep.values()), rep
     for i in range(4):
         f, coords, _, cattrs = feats(out, means_encoder, f"k{i}")
         read = int(cattrs["read_size"])
