@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_embed.fast_reader import choose_reader
+from wsi_embed.fast_reader import TiffTileReader, choose_reader
 from wsi_embed.gpu_decode import JpegTileDecoder, canary, choose_decode
 from wsi_embed.slides import open_slide
 from wsi_embed.synthetic import array_tile_fn, write_slide
@@ -88,7 +88,8 @@ def test_jpeg_the_gpu_cannot_read_or_gets_wrong_goes_to_the_cpu():
     assert not ok and "RGB-photometric" in why
     # CMU's tiles are RGB-coded JPEG: a YCbCr decoder shifts every colour, and the per-slide
     # check against tifffile catches it even when the TIFF tags are not trusted
-    assert "differs from tifffile" in canary(str(CMU), 0, DEVICE)
+    with TiffTileReader(CMU, 0) as ref:
+        assert "differs from tifffile" in canary(ref, DEVICE)
     ok, why = choose_decode(str(TCGA), 0, "gpu", DEVICE)
     assert not ok and "33005" in why  # JPEG 2000
     ok, why = choose_decode(str(CMU), 0, "cpu", DEVICE)

@@ -86,6 +86,11 @@ class TileGrid:
     th: int
 
     @classmethod
+    def read(cls, path: str | Path, page: int) -> TileGrid:
+        with tifffile.TiffFile(path) as tf:
+            return cls.of(tf.pages[page])
+
+    @classmethod
     def of(cls, page: tifffile.TiffPage) -> TileGrid:
         return cls(np.asarray(page.dataoffsets, np.int64),
                    np.asarray(page.databytecounts, np.int64), page.jpegtables,
@@ -105,6 +110,7 @@ class TiffTileReader:
     it stays in a small LRU cache (a grid of patches reuses its tiles)."""
 
     def __init__(self, path: str | Path, page: int, cache_tiles: int = 96):
+        self.path = Path(path)
         self._tf = tifffile.TiffFile(path)
         self.page = self._tf.pages[page]
         self.grid = TileGrid.of(self.page)
@@ -112,9 +118,9 @@ class TiffTileReader:
         self.cache_tiles = cache_tiles
         self.decoded = 0  # tiles decoded so far (tests check tiles are not decoded twice)
 
-    def _tile(self, tx: int, ty: int) -> np.ndarray:
+    def tile(self, i: int) -> np.ndarray:
+        """Tile `i` (row-major in the grid) as (th, tw, 3), decoded once while cached."""
         g = self.grid
-        i = ty * g.ntx + tx
         t = self._cache.get(i)
         if t is not None:
             self._cache.move_to_end(i)
@@ -146,7 +152,7 @@ class TiffTileReader:
             out[:] = 255  # part of it lies outside the level
         for ty in range(y0 // g.th, (y1 - 1) // g.th + 1 if y1 > y0 else 0):
             for tx in range(x0 // g.tw, (x1 - 1) // g.tw + 1 if x1 > x0 else 0):
-                t = self._tile(tx, ty)
+                t = self.tile(ty * g.ntx + tx)
                 ax, ay = max(x0, tx * g.tw), max(y0, ty * g.th)
                 bx, by = min(x1, (tx + 1) * g.tw), min(y1, (ty + 1) * g.th)
                 out[ay - y:by - y, ax - x:bx - x] = t[ay - ty * g.th:by - ty * g.th,
@@ -171,3 +177,9 @@ class TiffTileReader:
 
     def close(self) -> None:
         self._tf.close()
+
+    def __enter__(self) -> TiffTileReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -50,14 +50,12 @@ YCBCR = 6
 CANARY_MAD = 8.0
 
 
-def gpu_unsupported(path: str, page: int) -> str | None:
+def gpu_unsupported(page: tifffile.TiffPage) -> str | None:
     """Why the GPU decoder cannot take this page, or None when it can."""
-    with tifffile.TiffFile(path) as tf:
-        p = tf.pages[page]
-        if p.compression != JPEG:
-            return f"TIFF compression {int(p.compression)} decodes on CPU"
-        if p.photometric != YCBCR:
-            return "RGB-photometric JPEG decodes on CPU (nvJPEG would convert its colours)"
+    if page.compression != JPEG:
+        return f"TIFF compression {int(page.compression)} decodes on CPU"
+    if page.photometric != YCBCR:
+        return "RGB-photometric JPEG decodes on CPU (nvJPEG would convert its colours)"
     return None
 
 
@@ -65,9 +63,8 @@ class TileSource:
     """Complete JPEG streams of one page's tiles (the shared JPEGTables spliced in), read
     with pread so no file position is shared."""
 
-    def __init__(self, path: str, page: int):
-        with tifffile.TiffFile(path) as tf:
-            self.grid = TileGrid.of(tf.pages[page])
+    def __init__(self, path: str, grid: TileGrid):
+        self.grid = grid
         self.fd = os.open(path, os.O_RDONLY)
 
     def stream(self, i: int) -> torch.Tensor:
@@ -191,7 +188,7 @@ class JpegTileDecoder:
         if key in self._sources:
             self._sources.move_to_end(key)
             return self._sources[key]
-        src = self._sources[key] = TileSource(path, page)
+        src = self._sources[key] = TileSource(path, TileGrid.read(path, page))
         while len(self._sources) > self.max_open:
             old_key, old = self._sources.popitem(last=False)
             old.close()
@@ -248,28 +245,26 @@ class JpegTileDecoder:
         self._cache.clear()
 
 
-def canary(path: str, page: int, device: torch.device) -> str | None:
-    """Decode the first written tile on `device` and with tifffile; None when they agree,
-    else why this slide must decode on CPU (a mislabelled colour space, a decoder error)."""
-    ref = TiffTileReader(path, page)
+def canary(ref: TiffTileReader, device: torch.device) -> str | None:
+    """Decode the page's first written tile on `device` and with tifffile; None when they
+    agree, else why this slide must decode on CPU (a mislabelled colour space, a decoder
+    error)."""
+    written = np.flatnonzero(ref.grid.counts)
+    if not len(written):
+        return None
+    i = int(written[0])
+    src = TileSource(str(ref.path), ref.grid)
     dec = JpegTileDecoder(device)
     try:
-        src = dec._source(path, page)
-        pg = src.grid
-        written = np.flatnonzero(pg.counts)
-        if not len(written):
-            return None
-        i = int(written[0])
         a = dec.decode([src.stream(i)])[0].cpu().numpy()
-        b = ref._tile(i % pg.ntx, i // pg.ntx)
-        mad = float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+        mad = float(np.abs(a.astype(np.int16) - ref.tile(i).astype(np.int16)).mean())
         if mad > CANARY_MAD:
             return f"GPU decode differs from tifffile by {mad:.1f} grey levels: decodes on CPU"
         return None
     except Exception as e:  # noqa: BLE001 - any decoder failure means "use the CPU"
         return f"GPU decode failed ({type(e).__name__}: {e}): decodes on CPU"
     finally:
-        ref.close()
+        src.close()
         dec.close()
 
 
@@ -281,7 +276,8 @@ def choose_decode(path: str, page: int, decode: str, device: torch.device) -> tu
     for a page nvJPEG cannot read or gets wrong."""
     if decode != "gpu":
         return False, "CPU decode"
-    why = gpu_unsupported(path, page) or canary(path, page, device)
+    with TiffTileReader(path, page) as ref:
+        why = gpu_unsupported(ref.page) or canary(ref, device)
     if why:
         return False, why
     return True, f"batched decode on {device}"
