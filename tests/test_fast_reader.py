@@ -10,9 +10,8 @@ import pytest
 
 from wsi_embed.fast_reader import TiffTileReader, choose_reader
 from wsi_embed.slides import open_slide
-from wsi_embed.synthetic import array_tile_fn, write_slide
 
-from .conftest import CMU, KIDNEY, NDPI, TCGA, cli, copy
+from .conftest import CMU, KIDNEY, NDPI, TCGA, cli, copy, small_slide
 
 
 def positions(w, h, size, step, rng, n=40):
@@ -43,10 +42,8 @@ def compare(path, level, size=256, n=40, seed=0):
 @pytest.mark.parametrize("tile", [240, 256])
 @pytest.mark.parametrize("aperio", [True, False])
 def test_synthetic_pyramids_match_openslide_across_tile_borders(tmp_path, tile, aperio):
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 255, (1500, 2100, 3), dtype=np.uint8)  # texture everywhere
-    path = write_slide(tmp_path / ("s.svs" if aperio else "s.tif"), 2100, 1500, 0.25,
-                       array_tile_fn(img), tile=tile, aperio=aperio, downsamples=(1, 4))
+    path = small_slide(tmp_path / ("s.svs" if aperio else "s.tif"), 2100, 1500, 0.25, aperio,
+                       seed=1, tile=tile)  # per-pixel texture everywhere
     with open_slide(path) as s:
         assert s.vendor == ("aperio" if aperio else "generic-tiff")
     for level in (0, 1):
@@ -63,9 +60,7 @@ def test_real_slides_match_openslide():
 
 
 def test_each_tile_is_decoded_once_for_a_grid(tmp_path):
-    img = np.random.default_rng(2).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
-    path = write_slide(tmp_path / "g.svs", 1024, 1024, 0.5, array_tile_fn(img), tile=256,
-                       downsamples=(1,))
+    path = small_slide(tmp_path / "g.svs", 1024, 1024, seed=2)
     r = TiffTileReader(path, 0)
     for y in range(0, 1024 - 200, 100):  # overlapping 200 px patches crossing borders
         for x in range(0, 1024 - 200, 100):

@@ -15,9 +15,8 @@ import torch
 from wsi_embed.fast_reader import TiffTileReader, choose_reader
 from wsi_embed.gpu_decode import JpegTileDecoder, canary, choose_decode
 from wsi_embed.slides import open_slide
-from wsi_embed.synthetic import array_tile_fn, write_slide
 
-from .conftest import CMU, TCGA, cli, copy
+from .conftest import CMU, TCGA, cli, copy, small_slide
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # libjpeg-turbo through torchvision gives OpenSlide's pixels; nvJPEG upsamples chroma
@@ -25,15 +24,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = 5.0 if DEVICE.type == "cuda" else 1.0
 
 
-def textured(path, width, height, tile, aperio=True, mpp=0.25, seed=1):
-    """Detail at every scale, with colour that varies over a few pixels as stained tissue
-    does (per-pixel random chroma would measure only the decoders' chroma upsampling)."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    img = cv2.GaussianBlur(img, (0, 0), 1.5)
-    img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX)
-    return write_slide(path, width, height, mpp, array_tile_fn(img), tile=tile, aperio=aperio,
-                       downsamples=(1, 4))
+def textured(path, width, height, tile, aperio=True, mpp=0.25):
+    """Detail at every scale, with stain-like colour (see `small_slide`)."""
+    return small_slide(path, width, height, mpp, aperio, seed=1, tile=tile, blur=1.5)
 
 
 def mad_against_openslide(path, level, read, patch, n=24, seed=0):
