@@ -11,7 +11,7 @@ import pytest
 from wsi_embed.fast_reader import TiffTileReader, choose_reader
 from wsi_embed.slides import open_slide
 
-from .conftest import CMU, KIDNEY, NDPI, TCGA, cli, copy, small_slide
+from .conftest import CMU, DICOM, KIDNEY, NDPI, TCGA, cli, copy, small_slide
 
 
 def positions(w, h, size, step, rng, n=40):
@@ -70,14 +70,17 @@ def test_each_tile_is_decoded_once_for_a_grid(tmp_path):
 
 
 def test_other_formats_fall_back_and_fast_insists():
-    for path in (NDPI, KIDNEY):
+    why = {}
+    for path in (NDPI, KIDNEY, DICOM):
         with open_slide(path) as s:
-            if s.mpp is None:
-                s.mpp = 0.5
             c = choose_reader(s, 0, "auto")
-            assert c.kind == "openslide" and c.reason
+            assert c.kind == "openslide" and c.page == -1
+            why[path] = c.reason
             with pytest.raises(ValueError, match="--reader auto"):
                 choose_reader(s, 0, "fast")
+    # each for its vendor: NDPI, a TIFF in strips (OpenSlide's plain-image), DICOM
+    assert [why[p].split("'")[1] for p in (NDPI, KIDNEY, DICOM)] == [
+        "hamamatsu", "plain-image", "dicom"]
     with open_slide(CMU) as s:
         assert choose_reader(s, 0, "openslide").kind == "openslide"
 
