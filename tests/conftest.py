@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import cv2
@@ -49,6 +50,46 @@ def small_slide(path: Path, width: int = 2048, height: int = 1536, mpp: float = 
         img = rng.integers(120, 230, (height, width, 3), dtype=np.uint8)
     return write_slide(path, width, height, mpp, array_tile_fn(img), tile=tile, aperio=aperio,
                        downsamples=(1, 4))
+
+
+def dicom_series(folder: Path, factors: tuple[int, ...] = (1, 2), new_series: bool = False,
+                 ) -> list[Path]:
+    """A DICOM slide stored as one file per level, as scanners and IDC store them: the
+    bone-marrow sample's pixels, downsampled by each factor into 256 px JPEG frames. Files
+    are named by instance UID; `new_series` makes it a slide of its own."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    from wsi_embed.slides import open_slide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(DICOM)
+    if new_series:
+        base.SeriesInstanceUID = generate_uid()
+    with open_slide(DICOM) as s:
+        img = s.read_region(0, 0, 0, s.width, s.height)
+    paths = []
+    for k, f in enumerate(factors):
+        h, w = -(-img.shape[0] // f), -(-img.shape[1] // f)
+        level = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA) if f > 1 else img
+        frames = []
+        for y in range(0, h, 256):
+            for x in range(0, w, 256):
+                fr = np.full((256, 256, 3), 255, np.uint8)
+                part = level[y : y + 256, x : x + 256]
+                fr[: part.shape[0], : part.shape[1]] = part
+                frames.append(cv2.imencode(".jpg", fr[..., ::-1])[1].tobytes())
+        ds = deepcopy(base)  # levels must not share the nested pixel spacing
+        ds.PixelData = encapsulate(frames)
+        ds.NumberOfFrames, ds.InstanceNumber = len(frames), k + 1
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        pm = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        pm.PixelSpacing = [float(v) * f for v in pm.PixelSpacing]
+        paths.append(folder / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
 
 
 @pytest.fixture

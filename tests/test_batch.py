@@ -10,12 +10,31 @@ import time
 
 from wsi_embed.h5io import COORDS_SCHEMA, TMP_SUFFIX, check_output, remove_stale_tmp
 
-from .conftest import CMU, cli, copy, small_slide
+from .conftest import CMU, DICOM, cli, copy, dicom_series, small_slide
 
 
 def rows(out):
     with open(out / "tile_report.csv") as fh:
         return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def test_a_dicom_slide_stored_as_a_series_of_files_is_one_slide(tmp_path):
+    """OpenSlide opens a whole DICOM series from any of its files, so a file per job would do
+    each slide once per level under different ids. One job per series, named after (and
+    reading) its level-0 file; a folder may hold several such slides."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    case = dicom_series(folder / "caseA")
+    mixed = (dicom_series(folder / "mixed", (1, 2), new_series=True)
+             + dicom_series(folder / "mixed", (1, 4), new_series=True))
+    copy(DICOM, folder / "single" / "bone.dcm")  # a one-file slide keeps its file's name
+    r = cli("tile", folder, "--recursive", "--out", out, "--slide-mpp", "0.5", "--tissue",
+            "none", "--num-workers", "0")
+    assert r.exit_code == 0, r.output
+    rep = rows(out)
+    assert sorted(rep) == sorted([case[0].stem, mixed[0].stem, mixed[2].stem, "bone"])
+    for level0 in (case[0], mixed[0], mixed[2]):
+        assert rep[level0.stem]["path"] == str(level0)
+    assert int(rep[case[0].stem]["n_patches"]) == int(rep["bone"]["n_patches"]) > 0
 
 
 def test_bad_slides_are_reported_and_the_good_one_is_tiled(tmp_path):

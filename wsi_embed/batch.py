@@ -11,13 +11,14 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from .h5io import remove_stale_tmp, tmp_path
-from .slides import SLIDE_EXTENSIONS
+from .slides import SLIDE_EXTENSIONS, dicom_series_uid
 from .tiling import SlideJob, TileConfig, run_tile_job
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def discover(inputs: Iterable[Path], slide_list: Path | None = None, recursive: 
             jobs += [SlideJob(f, f.stem, size=f.stat().st_size) for f in files]
         else:
             raise UsageError(f"no such file or folder: {p}")
+    jobs = one_job_per_dicom_series(jobs)
     if slide_list is not None:
         jobs += read_slide_list(slide_list)
     if not jobs:
@@ -65,6 +67,37 @@ def discover(inputs: Iterable[Path], slide_list: Path | None = None, recursive: 
                              f"{j.path}. Give distinct 'slide_id' values in a --slide-list CSV.")
         seen[j.slide_id] = j.path
     return jobs
+
+
+def one_job_per_dicom_series(jobs: list[SlideJob]) -> list[SlideJob]:
+    """Fold the .dcm files of one DICOM slide into one job. Without this a slide stored as a
+    series (a file per level) would be done once per file, under as many ids, since OpenSlide
+    opens the whole series from any of its files. The job reads the largest file (level 0)
+    and, slide ids being file stems, takes that file's stem as its id."""
+    by_dir: dict[Path, list[int]] = defaultdict(list)
+    for i, j in enumerate(jobs):
+        if j.path.suffix.lower() == ".dcm":
+            by_dir[j.path.parent.resolve()].append(i)
+    folded: set[int] = set()
+    merged: dict[int, SlideJob] = {}  # at its first file's place
+    for folder, idx in by_dir.items():
+        if len(idx) < 2:
+            continue
+        series: dict[str, list[int]] = defaultdict(list)
+        for i in idx:
+            uid = dicom_series_uid(jobs[i].path)
+            if uid is not None:  # else left as it is: tiling it says why it cannot be read
+                series[uid].append(i)
+        for uid, members in series.items():
+            if len(members) < 2:
+                continue
+            level0 = jobs[max(members, key=lambda i: (jobs[i].size, -i))]
+            merged[members[0]] = SlideJob(level0.path, level0.slide_id,
+                                          size=sum(jobs[i].size for i in members))
+            folded.update(members)
+            log.info("%s: %d DICOM files of one slide (series %s) done as one, %r", folder,
+                     len(members), uid, merged[members[0]].slide_id)
+    return [merged.get(i, j) for i, j in enumerate(jobs) if i not in folded or i in merged]
 
 
 def read_slide_list(path: Path) -> list[SlideJob]:
