@@ -1,4 +1,4 @@
-"""The reader pool when a reader process dies: one more try for the task it was reading."""
+"""The reader pool when a reader process dies: one more try for the slide it was reading."""
 
 import os
 import signal
@@ -12,7 +12,7 @@ import pytest
 from wsi_embed.reader_pool import MAX_DEATHS, ReaderPool, ReadTask
 from wsi_embed.slides import open_slide
 
-from .conftest import CMU
+from .conftest import CMU, copy
 
 
 def _kill_while_reading(pool: ReaderPool, task_id: int, times: int, killed: list) -> None:
@@ -28,34 +28,39 @@ def _kill_while_reading(pool: ReaderPool, task_id: int, times: int, killed: list
 
 
 @pytest.mark.parametrize("deaths", [1, MAX_DEATHS])
-def test_a_task_whose_reader_died_is_read_again_once(deaths):
+def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths):
     """Killed once (the OOM killer picking an innocent reader), the task is read again and
-    its patches are right; killed every time, it fails with the reason and the pool still
-    reads the next task."""
+    its patches are right; killed a second time on that slide, every task of the slide fails
+    with the reason, and the other slide's task is still read."""
+    other = copy(CMU, tmp_path / "other.svs")
     coords = np.array([(x, y) for y in range(0, 1500, 200) for x in range(0, 1800, 200)])
-    task = ReadTask(7, str(CMU), 0, 512, 128, coords[:64], 0)  # ≈ 1 s of OpenSlide reads
-    pool = ReaderPool(1, 64, 128, 2)
+    tasks = [ReadTask(7, str(CMU), 0, 512, 128, coords[:64], 0),  # ≈ 1 s of OpenSlide reads
+             ReadTask(9, str(CMU), 0, 512, 128, coords[64:70], 64),
+             ReadTask(10, str(other), 0, 512, 128, coords[:6], 0)]
+    pool = ReaderPool(1, 64, 128, 3)
     killed: list[int] = []
     try:
         killer = threading.Thread(target=_kill_while_reading, args=(pool, 7, deaths, killed))
         killer.start()
-        pool.submit(task)
-        tid, got, err = pool.get(timeout=120)
+        for t in tasks:
+            pool.submit(t)
+        got = {}
+        for _ in tasks:
+            tid, slot, err = pool.get(timeout=120)
+            got[tid] = (slot, err)
         killer.join()
-        assert tid == 7 and len(killed) == deaths
+        assert len(killed) == deaths
+        errors = {tid: err for tid, (_, err) in got.items() if err is not None}
         if deaths < MAX_DEATHS:
-            assert err is None, err
+            assert not errors, errors
             with open_slide(CMU) as sl:  # each patch is the one asked for
-                ref = [sl.read_region(int(x), int(y), 0, 512, 512) for x, y in task.coords]
-
-            ref = np.stack([cv2.resize(r, (128, 128), interpolation=cv2.INTER_AREA)
-                            for r in ref])
-            assert np.array_equal(pool.slots[got, :64].numpy(), ref)
-            pool.release(got)
+                ref = np.stack([cv2.resize(sl.read_region(int(x), int(y), 0, 512, 512),
+                                           (128, 128), interpolation=cv2.INTER_AREA)
+                                for x, y in tasks[0].coords])
+            assert np.array_equal(pool.slots[got[7][0], :64].numpy(), ref)
         else:
-            assert got is None and f"died {MAX_DEATHS} times" in err
-        pool.submit(ReadTask(8, str(CMU), 0, 512, 128, coords[64:70], 0))
-        tid, got, err = pool.get(timeout=120)
-        assert (tid, err) == (8, None)
+            assert sorted(errors) == [7, 9]  # the whole slide, 9 without being read
+            assert all(f"died {MAX_DEATHS} times" in e for e in errors.values())
+        assert got[10][1] is None
     finally:
         pool.close()

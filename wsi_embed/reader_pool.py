@@ -6,9 +6,10 @@ that would stall or end the whole run, and a rerun would die on the same slide a
 each reader notes in shared memory which task and slot it holds; when one dies the pool
 kills the others, rebuilds its queues (a process killed inside a queue call can leave the
 queue's lock held), frees every slot the main process does not hold, and queues again every
-task that had no result yet. The task the dead reader was reading gets one more try (the OOM
-killer may have picked a reader whose slide was innocent); only a task whose reader dies a
-second time fails, and with it only its slide.
+task that had no result yet. The slide the dead reader was reading gets one more try (the
+OOM killer may have picked a reader whose slide was innocent); a slide whose reads kill a
+reader a second time fails, with all its tasks at once, so a slide that crashes its decoder
+costs two restarts, not one per queued task.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 READY = (-1, None, None)
 CHECK_EVERY = 5.0  # seconds between checks that every reader is alive
-MAX_DEATHS = 2  # reader deaths while reading one task before that task fails
+MAX_DEATHS = 2  # reader deaths while reading one slide before that slide fails
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class ReaderPool:
         self._lock = threading.Lock()
         self._pending: dict[int, ReadTask] = {}  # submitted to the readers, no result yet
         self._out: set[int] = set()  # slots handed to the caller and not released
-        self._deaths: dict[int, int] = {}  # task id → readers that died reading it
+        self._deaths: dict[str, int] = {}  # slide path → readers that died reading it
         self._next_check = 0.0
         self._start(set(range(n_slots)))
 
@@ -184,7 +185,6 @@ class ReaderPool:
         with self._lock:
             if self._pending.pop(task_id, None) is None:
                 return  # failed already, when its reader died
-            self._deaths.pop(task_id, None)
             if slot is not None:
                 self._out.add(slot)
         self.results.put(item)
@@ -211,24 +211,25 @@ class ReaderPool:
             except queue.Empty:
                 break
         with self._lock:
-            failed, retried = [], []
-            for t in sorted(culprits & self._pending.keys()):
-                self._deaths[t] = self._deaths.get(t, 0) + 1
-                (failed if self._deaths[t] >= MAX_DEATHS else retried).append(t)
+            slides = {self._pending[t].path for t in culprits & self._pending.keys()}
+            for path in slides:
+                self._deaths[path] = self._deaths.get(path, 0) + 1
+            bad = {p for p in slides if self._deaths[p] >= MAX_DEATHS}
+            failed = sorted(t for t, task in self._pending.items() if task.path in bad)
             for t in failed:
                 del self._pending[t]
             again = [self._pending[t] for t in sorted(self._pending)]
             free = set(range(len(self.slots))) - self._out
-        log.warning("%d reader process(es) died (%s); restarting the readers and reading %d "
-                    "task(s) again (%d of them where a reader died)%s", len(dead), codes,
-                    len(again), len(retried),
-                    f"; failing {len(failed)} task(s) whose reader died {MAX_DEATHS} times"
-                    if failed else "")
+        log.warning("%d reader process(es) died (%s) reading %s; restarting the readers and "
+                    "reading %d task(s) again%s", len(dead), codes,
+                    ", ".join(sorted(slides)) or "nothing", len(again),
+                    f"; failing {', '.join(sorted(bad))}: a reader died reading it "
+                    f"{MAX_DEATHS} times" if bad else "")
         self._start(free)
         for t in failed:
-            self.results.put((t, None, f"the reader process died {MAX_DEATHS} times "
-                                       f"({codes}) while reading these patches: a crash in "
-                                       "the slide's decoder, or the system ran out of memory"))
+            self.results.put((t, None, f"a reader process died {MAX_DEATHS} times ({codes}) "
+                                       "while reading this slide: a crash in the slide's "
+                                       "decoder, or the system ran out of memory"))
         for task in again:
             self.task_q.put(task)
 
