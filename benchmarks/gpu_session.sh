@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What one GPU session runs (H100, 16 cores): the CUDA-side tests (device decode, the
+# What one GPU session runs (H100, 16 cores): the CUDA-side tests (the feed stream, device decode, the
 # pipeline's row order through the feed stream), then the extract throughput benchmark on a
 # 0.5 µm/px slide (one JPEG tile per patch) for ViT-B/16 and ViT-L/16 and both decoders, then
 # a py-spy profile of the ViT-B/16 run's main process where py-spy was carried.
@@ -17,7 +17,7 @@ if [[ $part == *1* ]]; then
 b --slide "$work/s050.svs" --encoder kaiko_vitb16 --precision bf16 --decode cpu --copies 4
 b --slide "$work/s050.svs" --encoder uni_v1 --decode cpu --no-reading --copies 4
 } 2>&1 | tee "$out/bench1.log"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_device_side.py tests/test_gpu_decode.py \
   "tests/test_extract.py::test_row_i_of_features_belongs_to_row_i_of_coords" \
   "tests/test_extract.py::test_features_do_not_depend_on_batch_size_or_worker_count" \
   2>&1 | tail -5 | tee "$out/tests.log"
