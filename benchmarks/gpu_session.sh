@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What one GPU session runs (H100, 16 cores): the CUDA-side tests (the feed stream, device decode, the
-# pipeline's row order through the feed stream), then the extract throughput benchmark on a
-# 0.5 µm/px slide (one JPEG tile per patch) for ViT-B/16 and ViT-L/16 and both decoders, then
-# a py-spy profile of the ViT-B/16 run's main process where py-spy was carried.
+# What one GPU session runs (H100, 16 cores): the CUDA-side tests (the feed stream, device
+# decode, the pipeline's row order through the feed stream), then the extract throughput
+# benchmark on a 0.5 µm/px slide (one JPEG tile per patch) for ViT-B/16 and ViT-L/16 and both
+# decoders, then a py-spy profile of the ViT-B/16 run's main process where py-spy was carried.
 # Usage: bash benchmarks/gpu_session.sh OUTDIR [1|2]   (1: benchmarks, then tests; 2: device
 # decode and the profile; both by default)
 set -u -o pipefail
