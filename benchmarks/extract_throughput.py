@@ -35,13 +35,14 @@ import torch
 from wsi_embed.batch import Report
 from wsi_embed.device_side import DeviceRunner
 from wsi_embed.devices import pick_device
-from wsi_embed.encoders import build_encoder, get_config
+from wsi_embed.encoders import get_config
 from wsi_embed.extract import (
     EXTRACT_COLUMNS,
     PRECISIONS,
     ExtractConfig,
-    default_batch_size,
+    encoder_setup,
     pipeline,
+    run_precision,
 )
 from wsi_embed.h5io import read_coords_file
 from wsi_embed.tiling import SlideJob, TileConfig, TileParams
@@ -119,7 +120,7 @@ def reading_only(slide: Path, coords: Path, reader: str, decode: str, args,
     out = Path(tempfile.mkdtemp(prefix="wsi-embed-reading-"))
     geom = read_coords_file(coords).attrs
     ecfg = replace(get_config(args.encoder), dim=3)
-    precision = "fp32" if device.type == "cpu" else (args.precision or ecfg.precision)
+    precision = run_precision(args.precision, ecfg, device)
     runner = DeviceRunner(ChannelMean(), ecfg, device, PRECISIONS[precision], batch, False)
     cfg = ExtractConfig(out, "reading_only", num_workers=args.num_workers, reader=reader,
                         decode=decode)
@@ -138,25 +139,25 @@ def reading_only(slide: Path, coords: Path, reader: str, decode: str, args,
 
 @torch.inference_mode()
 def ceiling(args, seconds: float = 10.0) -> tuple[float, int, str]:
+    """The encoder as `extract` sets it up and calls it, on preprocessed random input
+    already on the device."""
     device = pick_device(args.device)
-    model, cfg = build_encoder(args.encoder, "cpu")
-    precision = "fp32" if device.type == "cpu" else (args.precision or cfg.precision)
-    batch = args.batch_size or default_batch_size(cfg, device)
-    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
-    if args.compile:
-        model = torch.compile(model)
-    x = torch.randn(batch, 3, cfg.input_size, cfg.input_size, device=device,
-                    dtype=PRECISIONS[precision]).contiguous(memory_format=torch.channels_last)
+    cfg = ExtractConfig(Path(tempfile.gettempdir()), args.encoder, "random", args.device,
+                        args.batch_size, precision=args.precision, compile=args.compile)
+    runner, attrs, batch = encoder_setup(cfg, device)
+    s = runner.cfg.input_size
+    x = torch.randn(batch, 3, s, s, device=device,
+                    dtype=runner.dtype).contiguous(memory_format=torch.channels_last)
     for _ in range(3):
-        model(x)
+        runner(x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        model(x)
+        runner(x)
         n += batch
     sync()
-    return n / (time.perf_counter() - t0), batch, precision
+    return n / (time.perf_counter() - t0), batch, attrs["precision"]
 
 
 def main() -> None:

@@ -92,6 +92,36 @@ def dicom_series(folder: Path, factors: tuple[int, ...] = (1, 2), new_series: bo
     return paths
 
 
+def mad_vs_openslide(path: Path, level: int, read_patches, read: int = 256,
+                     patch: int = 256, n: int = 40, seed: int = 0, aligned: bool = False,
+                     ) -> tuple[float, float]:
+    """Mean absolute difference (grey levels), mean and worst patch, between a fast-path
+    reader and OpenSlide's `read_region` (+ cv2 area resize when read != patch), over random
+    patches, some overhanging the right and bottom edges. `read_patches(page, coords,
+    downsample)` reads the level-0 top-lefts `coords` from the level's TIFF page. `aligned`:
+    top-lefts on whole multiples of 8 level pixels where the downsample is whole."""
+    from wsi_embed.fast_reader import choose_reader
+    from wsi_embed.slides import open_slide
+
+    rng = np.random.default_rng(seed)
+    with open_slide(path) as s:
+        choice = choose_reader(s, level, "auto")
+        assert choice.kind == "fast", choice.reason
+        ds = s.level_downsamples[level]
+        step = int(ds) * 8 if aligned and ds % 1 == 0 else 1
+        span = int(read * ds)
+        coords = np.stack([rng.integers(0, (s.width - span // 2) // step, n),
+                           rng.integers(0, (s.height - span // 2) // step, n)], 1) * step
+        got = read_patches(choice.page, coords, ds)
+        diffs = []
+        for (x, y), g in zip(coords, got, strict=True):
+            ref = s.read_region(int(x), int(y), level, read, read)
+            if read != patch:
+                ref = cv2.resize(ref, (patch, patch), interpolation=cv2.INTER_AREA)
+            diffs.append(np.abs(np.asarray(g).astype(int) - ref.astype(int)).mean())
+    return float(np.mean(diffs)), float(np.max(diffs))
+
+
 @pytest.fixture
 def slide_folder(tmp_path):
     """A folder of five small synthetic slides with distinct content."""

@@ -11,32 +11,16 @@ import pytest
 from wsi_embed.fast_reader import TiffTileReader, choose_reader
 from wsi_embed.slides import open_slide
 
-from .conftest import CMU, DICOM, KIDNEY, NDPI, TCGA, cli, copy, small_slide
+from .conftest import CMU, DICOM, KIDNEY, NDPI, TCGA, cli, copy, mad_vs_openslide, small_slide
 
 
-def positions(w, h, size, step, rng, n=40):
-    """Random top-left corners (multiples of `step`), some overhanging the right/bottom edge."""
-    xs = rng.integers(0, (w - size // 2) // step, n) * step
-    ys = rng.integers(0, (h - size // 2) // step, n) * step
-    return list(zip(xs.tolist(), ys.tolist(), strict=True))
+def compare(path, level, n=40, seed=0):
+    """MAD from OpenSlide of the CPU raw-tile reader (positions aligned: see helper)."""
+    def read(page, coords, ds):
+        with TiffTileReader(path, page) as fast:
+            return [fast.read_level0(int(x), int(y), ds, 256, 256) for x, y in coords]
 
-
-def compare(path, level, size=256, n=40, seed=0):
-    """Mean absolute difference (grey levels) between the two readers over random patches."""
-    rng = np.random.default_rng(seed)
-    with open_slide(path) as slide:
-        choice = choose_reader(slide, level, "auto")
-        assert choice.kind == "fast", choice.reason
-        ds = slide.level_downsamples[level]
-        fast = TiffTileReader(path, choice.page)
-        step = 1 if ds % 1 else int(ds) * 8  # TCGA's level 1 (2.0004): any position
-        diffs = []
-        for x, y in positions(slide.width, slide.height, int(size * ds), step, rng, n):
-            a = fast.read_level0(x, y, ds, size, size).astype(int)
-            b = slide.read_region(x, y, level, size, size).astype(int)
-            diffs.append(np.abs(a - b).mean())
-        fast.close()
-    return float(np.mean(diffs)), float(np.max(diffs))
+    return mad_vs_openslide(path, level, read, n=n, seed=seed, aligned=True)
 
 
 @pytest.mark.parametrize("tile", [240, 256])

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import csv
 
-import cv2
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from wsi_embed.fast_reader import TiffTileReader, choose_reader
+from wsi_embed.fast_reader import TiffTileReader
 from wsi_embed.gpu_decode import JpegTileDecoder, canary, choose_decode
-from wsi_embed.slides import open_slide
 
-from .conftest import CMU, TCGA, cli, copy, small_slide
+from .conftest import CMU, TCGA, cli, copy, mad_vs_openslide, small_slide
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # libjpeg-turbo through torchvision gives OpenSlide's pixels; nvJPEG upsamples chroma
@@ -30,24 +28,15 @@ def textured(path, width, height, tile, aperio=True, mpp=0.25):
 
 
 def mad_against_openslide(path, level, read, patch, n=24, seed=0):
-    """Per-patch mean absolute difference: device decode vs OpenSlide (+ cv2 area resize)."""
-    rng = np.random.default_rng(seed)
-    with open_slide(path) as s:
-        choice = choose_reader(s, level, "auto")
-        ds = s.level_downsamples[level]
-        span = int(read * ds)
-        coords = np.stack([rng.integers(0, s.width - span // 2, n),  # some overhang the
-                           rng.integers(0, s.height - span // 2, n)], 1)  # right/bottom
+    """MAD from OpenSlide (+ cv2 area resize) of the batched decoder on DEVICE."""
+    def read_patches(page, coords, ds):
         dec = JpegTileDecoder(DEVICE)
-        got = dec.read(str(path), choice.page, coords, ds, read, patch).cpu().numpy()
-        dec.close()
-        diffs = []
-        for (x, y), g in zip(coords, got, strict=True):
-            ref = s.read_region(int(x), int(y), level, read, read)
-            if read != patch:
-                ref = cv2.resize(ref, (patch, patch), interpolation=cv2.INTER_AREA)
-            diffs.append(np.abs(g.astype(int) - ref.astype(int)).mean())
-    return float(np.mean(diffs)), float(np.max(diffs))
+        try:
+            return dec.read(str(path), page, coords, ds, read, patch).cpu().numpy()
+        finally:
+            dec.close()
+
+    return mad_vs_openslide(path, level, read_patches, read, patch, n, seed)
 
 
 @pytest.mark.parametrize("tile", [240, 256])

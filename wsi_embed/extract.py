@@ -219,10 +219,16 @@ def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path |
     return have
 
 
-def _encoder_setup(cfg: ExtractConfig, device: torch.device, run: bool = True):
-    """The encoder on `device` (None unless `run`) and what the features files record."""
+def run_precision(requested: str | None, ecfg: EncoderConfig, device: torch.device) -> str:
+    """fp32 on CPU; on CUDA `--precision`, else the preset's."""
+    return "fp32" if device.type == "cpu" else (requested or ecfg.precision)
+
+
+def encoder_setup(cfg: ExtractConfig, device: torch.device, run: bool = True):
+    """The encoder on `device` (None unless `run`), what the features files record, and the
+    batch size."""
     model, ecfg, weights_id = load_encoder(cfg.encoder, cfg.weights, "cpu")
-    precision = "fp32" if device.type == "cpu" else (cfg.precision or ecfg.precision)
+    precision = run_precision(cfg.precision, ecfg, device)
     batch = cfg.batch_size or default_batch_size(ecfg, device)
     attrs = {"encoder": cfg.encoder, "embed_dim": ecfg.dim, "weights": weights_id,
              "input_size": ecfg.input_size, "resize_size": ecfg.resize,
@@ -240,7 +246,7 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     devices = cfg.devices or (str(pick_device(cfg.device)),)
     first = torch.device(devices[0])
-    runner, attrs, batch = _encoder_setup(cfg, first, run=len(devices) == 1)
+    runner, attrs, batch = encoder_setup(cfg, first, run=len(devices) == 1)
     expect = {k: attrs[k] for k in ("encoder", "weights", "precision")}
     todo: list[tuple[SlideJob, Path]] = []
     for job, cpath in ensure_coords(jobs, tile_cfg, coords_dir, report, counts,
@@ -284,7 +290,7 @@ class _QueueReport:
 
 def _device_main(device: str, cfg: ExtractConfig, tile_cfg: TileConfig, job_q, row_q) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(cfg.devices))))
-    runner, attrs, batch = _encoder_setup(cfg, torch.device(device))
+    runner, attrs, batch = encoder_setup(cfg, torch.device(device))
 
     def pull():
         while (item := job_q.get()) is not None:

@@ -93,6 +93,17 @@ class PatchReader:
         self._open.clear()
 
 
+def read_result(reader: PatchReader, task: ReadTask, slots: torch.Tensor, slot: int
+                ) -> tuple[int, int | None, str | None]:
+    """Fill `slot` with `task`'s patches: (task id, slot, None), or (task id, None, why) with
+    the slot left for the caller to free."""
+    try:
+        reader.read_into(task, slots[slot].numpy())
+        return task.task_id, slot, None
+    except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
+        return task.task_id, None, describe_error(e)[:1000]
+
+
 def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
                  claims: torch.Tensor) -> None:
     """A reader process: take a task, take a free slot, fill it, say which. `claims[index]`
@@ -109,12 +120,10 @@ def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
         claim[:] = (task.task_id, -1)
         slot = free_q.get()
         claim[1] = slot
-        try:
-            reader.read_into(task, slots[slot].numpy())
-            done_q.put((task.task_id, slot, None))
-        except Exception as e:
+        result = read_result(reader, task, slots, slot)
+        if result[1] is None:
             free_q.put(slot)
-            done_q.put((task.task_id, None, describe_error(e)[:1000]))
+        done_q.put(result)
         claim[:] = -1
     reader.close()
 
@@ -250,12 +259,10 @@ class ReaderPool:
             self.decoder.tasks.put(task)
         elif self.num_workers == 0:
             slot = self.free.pop()
-            try:
-                self.reader.read_into(task, self.slots[slot].numpy())
-                self.results.put((task.task_id, slot, None))
-            except Exception as e:
+            result = read_result(self.reader, task, self.slots, slot)
+            if result[1] is None:
                 self.free.append(slot)
-                self.results.put((task.task_id, None, describe_error(e)))
+            self.results.put(result)
         else:
             with self._lock:
                 self._pending[task.task_id] = task

@@ -178,15 +178,13 @@ def mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
 
 
 def dicom_series_uid(path: Path) -> str | None:
-    """The series a DICOM file belongs to, as OpenSlide sees it, or None when OpenSlide cannot
-    open it. A DICOM slide is a series of files (one per level, plus label and overview) and
+    """The series a DICOM file belongs to, as OpenSlide sees it, or None when it cannot be
+    opened. A DICOM slide is a series of files (one per level, plus label and overview) and
     OpenSlide opens the whole series from any one of them."""
-    import openslide
-
     try:
-        with openslide.OpenSlide(str(path)) as handle:
-            return handle.properties.get("dicom.SeriesInstanceUID")
-    except openslide.OpenSlideError:
+        with open_slide(path) as slide:
+            return slide.properties.get("dicom.SeriesInstanceUID")
+    except SlideError:
         return None
 
 
