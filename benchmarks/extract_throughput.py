@@ -134,6 +134,9 @@ def reading_only(slide: Path, coords: Path, reader: str, decode: str, args,
     row = report.rows[0]
     if row["status"] != "ok":
         raise SystemExit(f"reading only failed: {row['error']}")
+    if not rate.n:
+        raise SystemExit(f"reading only: {slide} fills a single batch of {batch}, which gives "
+                         "no steady rate; use a bigger --side")
     return rate.per_s, row["reader"]
 
 
