@@ -32,20 +32,15 @@ from pathlib import Path
 
 import torch
 
-from wsi_embed.batch import Report
-from wsi_embed.device_side import DeviceRunner
+from wsi_embed.batch import SlideJob
 from wsi_embed.devices import pick_device
 from wsi_embed.encoders import get_config
-from wsi_embed.extract import (
-    EXTRACT_COLUMNS,
-    PRECISIONS,
-    ExtractConfig,
-    encoder_setup,
-    pipeline,
-    run_precision,
-)
+from wsi_embed.extract import EXTRACT_COLUMNS, ExtractConfig, encoder_setup, run_precision
+from wsi_embed.extract.device import DeviceRunner
+from wsi_embed.extract.pipeline import pipeline
 from wsi_embed.h5io import read_coords_file
-from wsi_embed.tiling import SlideJob, TileConfig, TileParams
+from wsi_embed.report import RunReport
+from wsi_embed.tiling import TileParams
 
 
 def make_slide(path: Path, side: int, mpp: float = 0.5) -> Path:
@@ -121,16 +116,13 @@ def reading_only(slide: Path, coords: Path, reader: str, decode: str, args,
     geom = read_coords_file(coords).attrs
     ecfg = replace(get_config(args.encoder), dim=3)
     precision = run_precision(args.precision, ecfg, device)
-    runner = DeviceRunner(ChannelMean(), ecfg, device, PRECISIONS[precision], batch, False)
-    cfg = ExtractConfig(out, "reading_only", num_workers=args.num_workers, reader=reader,
-                        decode=decode)
+    runner = DeviceRunner(ChannelMean(), ecfg, device, precision.torch_dtype, batch, False)
+    cfg = ExtractConfig(out=out, encoder="reading_only", num_workers=args.num_workers,
+                        reader=reader, decode=decode)
     params = TileParams(float(geom["target_mpp"]), int(geom["patch_size"]))
-    report = Report(out / "report.csv", EXTRACT_COLUMNS)
-    try:
-        rate = pipeline([(SlideJob(slide, slide.stem), coords)], cfg, TileConfig(out, params),
-                        runner, batch, {}, report, {"ok": 0, "skipped": 0, "failed": 0})
-    finally:
-        report.close()
+    with RunReport(out / "report.csv", EXTRACT_COLUMNS, "reading only") as report:
+        rate = pipeline([(SlideJob(slide, slide.stem), coords)], cfg, params, runner, batch,
+                        {}, report)
     row = report.rows[0]
     if row["status"] != "ok":
         raise SystemExit(f"reading only failed: {row['error']}")
@@ -145,8 +137,9 @@ def ceiling(args, seconds: float = 10.0) -> tuple[float, int, str]:
     """The encoder as `extract` sets it up and calls it, on preprocessed random input
     already on the device."""
     device = pick_device(args.device)
-    cfg = ExtractConfig(Path(tempfile.gettempdir()), args.encoder, "random", args.device,
-                        args.batch_size, precision=args.precision, compile=args.compile)
+    cfg = ExtractConfig(out=Path(tempfile.gettempdir()), encoder=args.encoder,
+                        weights="random", device=args.device, batch_size=args.batch_size,
+                        precision=args.precision, compile=args.compile)
     runner, attrs, batch = encoder_setup(cfg, device)
     s = runner.cfg.input_size
     x = torch.randn(batch, 3, s, s, device=device,

@@ -9,9 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from torch import nn
 from typer.testing import CliRunner
 
 from wsi_embed.cli import app
+from wsi_embed.encoders import PRESETS, EncoderConfig
 from wsi_embed.synthetic import array_tile_fn, tissue_phantom, write_slide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,19 +102,19 @@ def mad_vs_openslide(path: Path, level: int, read_patches, read: int = 256,
     patches, some overhanging the right and bottom edges. `read_patches(page, coords,
     downsample)` reads the level-0 top-lefts `coords` from the level's TIFF page. `aligned`:
     top-lefts on whole multiples of 8 level pixels where the downsample is whole."""
-    from wsi_embed.fast_reader import choose_reader
+    from wsi_embed.extract.sources.tiff_tiles import level_page
     from wsi_embed.slides import open_slide
 
     rng = np.random.default_rng(seed)
     with open_slide(path) as s:
-        choice = choose_reader(s, level, "auto")
-        assert choice.kind == "fast", choice.reason
+        page = level_page(s, level)
+        assert isinstance(page, int), page
         ds = s.level_downsamples[level]
         step = int(ds) * 8 if aligned and ds % 1 == 0 else 1
         span = int(read * ds)
         coords = np.stack([rng.integers(0, (s.width - span // 2) // step, n),
                            rng.integers(0, (s.height - span // 2) // step, n)], 1) * step
-        got = read_patches(choice.page, coords, ds)
+        got = read_patches(page, coords, ds)
         diffs = []
         for (x, y), g in zip(coords, got, strict=True):
             ref = s.read_region(int(x), int(y), level, read, read)
@@ -120,6 +122,41 @@ def mad_vs_openslide(path: Path, level: int, read_patches, read: int = 256,
                 ref = cv2.resize(ref, (patch, patch), interpolation=cv2.INTER_AREA)
             diffs.append(np.abs(np.asarray(g).astype(int) - ref.astype(int)).mean())
     return float(np.mean(diffs)), float(np.max(diffs))
+
+
+class ChannelMean(nn.Module):
+    """A test encoder whose output is a known function of the pixels: per-channel means in
+    [0, 1]. Features of different patches differ, so a swapped or shifted row shows (random
+    weights give nearly equal features for any tissue)."""
+
+    def forward(self, x):
+        return x.float().mean(dim=(2, 3))
+
+
+def channel_mean(**_):
+    return ChannelMean()
+
+
+#: the channel-mean encoder as a preset: no normalisation, fp32, any device
+MEANS_PRESET = EncoderConfig(channel_mean, {}, 3, mean_std=((0, 0, 0), (1, 1, 1)),
+                             precision="fp32")
+
+
+@pytest.fixture
+def means_encoder(monkeypatch):
+    """The channel-mean encoder registered as `test_means` for this test."""
+    monkeypatch.setitem(PRESETS, "test_means", MEANS_PRESET)
+    return "test_means"
+
+
+def patch_means(path: Path, coords: np.ndarray, level: int, read: int) -> np.ndarray:
+    """What the channel-mean encoder must give for `coords`: OpenSlide's patches at `level`
+    (read × read px), per-channel means in [0, 1]."""
+    from wsi_embed.slides import open_slide
+
+    with open_slide(path) as s:
+        return np.stack([s.read_region(int(x), int(y), level, read, read).reshape(-1, 3)
+                         .mean(0) / 255 for x, y in coords])
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import cv2
 import h5py
 import numpy as np
 
-from wsi_embed.h5io import FEATURES_SCHEMA, atomic_h5, read_coords_file, write_coords_dataset
+from wsi_embed.h5io import atomic_h5, read_coords_file, write_features_file
 from wsi_embed.synthetic import write_witness_bags
 from wsi_embed.viz import HEATMAP_MAX_SIDE
 
@@ -36,10 +36,8 @@ def test_heatmap_geojson_and_patches_show_where_the_witnesses_are(tmp_path):
     x[left] = w[rng.integers(0, len(w), left.sum())] + 0.1 * rng.standard_normal(
         (left.sum(), 768))
     feats = tmp_path / "features"
-    with atomic_h5(feats / "cmu.h5") as f:
-        f.attrs.update({"schema": FEATURES_SCHEMA, "encoder": "synthetic", "weights": "random"})
-        f["features"] = x.astype(np.float16)
-        write_coords_dataset(f, coords, cf.attrs)
+    write_features_file(feats / "cmu.h5", x.astype(np.float16), coords, cf.attrs,
+                        {"encoder": "synthetic", "weights": "random"})
 
     out = tmp_path / "c"
     r = cli("classify", "--features", feats, "--model", tmp_path / "m" / "model.pt", "--out",

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from wsi_embed.device_side import BatchFeeder, DeviceRunner
 from wsi_embed.encoders import PRESETS, EncoderConfig, build_encoder
-from wsi_embed.gpu_decode import DecodeThread
-from wsi_embed.reader_pool import ReaderPool
+from wsi_embed.extract.device import BatchFeeder, DeviceRunner
+from wsi_embed.extract.sources import DeviceChunk, HostChunk, ReaderPool
+from wsi_embed.extract.sources.device_jpeg import DecodeThread
 
 
 @pytest.mark.parametrize("preset,patch", [("kaiko_vitb16", 256), ("uni_v1", 224),
@@ -58,12 +58,13 @@ def test_feeder_packs_slot_and_device_chunks_in_order_and_frees_slots(device):
     else:
         decoded_dev = decoded
     pool.free.clear()  # all three slots hold finished chunks
-    cfg = EncoderConfig("none", {}, "identity", 3, input_size=8, resize=8,
+    cfg = EncoderConfig("none", {}, 3, input_size=8, resize=8,
                         mean_std=((0, 0, 0), (1, 1, 1)))
     runner = DeviceRunner(torch.nn.Identity(), cfg, dev, torch.float32, 16, False)
     feeder = BatchFeeder(pool, runner, batch=16)
     assert feeder.pinned == (dev.type == "cuda")
-    chunks = [("a", 0, 4, 2), ("b", 8, 2, (decoded_dev, event)), ("c", 4, 3, 0)]
+    chunks = [("a", 0, 4, HostChunk(2)), ("b", 8, 2, DeviceChunk(decoded_dev, event)),
+              ("c", 4, 3, HostChunk(0))]
     x, segments = feeder(chunks)
     y = (x * 2).cpu()  # on the encoder's stream, as the encoder would use it
     want = torch.cat([pool.slots[2, :4], decoded, pool.slots[0, :3]])

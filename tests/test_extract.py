@@ -11,33 +11,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
-from torch import nn
 
-from wsi_embed.encoders import PRESETS, EncoderConfig
 from wsi_embed.h5io import FEATURES_SCHEMA, check_output
 from wsi_embed.slides import open_slide
 
 from .conftest import CMU, NDPI, cli, copy, small_slide
-
-
-class ChannelMean(nn.Module):
-    """A test encoder whose output is a known function of the pixels: per-channel means."""
-
-    def forward(self, x):
-        return x.float().mean(dim=(2, 3))
-
-
-def channel_mean(**_):
-    return ChannelMean()
-
-
-@pytest.fixture
-def means_encoder(monkeypatch):
-    cfg = EncoderConfig(channel_mean, {}, "identity", 3, mean_std=((0, 0, 0), (1, 1, 1)),
-                        precision="fp32")
-    monkeypatch.setitem(PRESETS, "test_means", cfg)
-    return "test_means"
 
 
 def feats(out, enc, slide_id):

@@ -8,7 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from wsi_embed.fast_reader import TiffTileReader, choose_reader
+from wsi_embed.errors import SlideError
+from wsi_embed.extract.sources import SourceKind, choose_source
+from wsi_embed.extract.sources.tiff_tiles import TiffTileReader
 from wsi_embed.slides import open_slide
 
 from .conftest import CMU, DICOM, KIDNEY, NDPI, TCGA, cli, copy, mad_vs_openslide, small_slide
@@ -57,16 +59,18 @@ def test_other_formats_fall_back_and_fast_insists():
     why = {}
     for path in (NDPI, KIDNEY, DICOM):
         with open_slide(path) as s:
-            c = choose_reader(s, 0, "auto")
-            assert c.kind == "openslide" and c.page == -1
+            c = choose_source(s, 0, 256, 256, "auto")
+            # a TIFF in strips has its own reader (decoded whole once); the rest OpenSlide
+            want = SourceKind.PLAIN_IMAGE if path == KIDNEY else SourceKind.OPENSLIDE
+            assert c.kind == want and c.page == -1
             why[path] = c.reason
-            with pytest.raises(ValueError, match="--reader auto"):
-                choose_reader(s, 0, "fast")
+            with pytest.raises(SlideError, match="--reader auto"):
+                choose_source(s, 0, 256, 256, "fast")
     # each for its vendor: NDPI, a TIFF in strips (OpenSlide's plain-image), DICOM
     assert [why[p].split("'")[1] for p in (NDPI, KIDNEY, DICOM)] == [
         "hamamatsu", "plain-image", "dicom"]
     with open_slide(CMU) as s:
-        assert choose_reader(s, 0, "openslide").kind == "openslide"
+        assert choose_source(s, 0, 256, 256, "openslide").kind == SourceKind.OPENSLIDE
 
 
 def test_extract_features_agree_between_readers(tmp_path):

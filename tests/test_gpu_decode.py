@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_embed.fast_reader import TiffTileReader
-from wsi_embed.gpu_decode import JpegTileDecoder, canary, choose_decode
+from wsi_embed.extract.sources.device_jpeg import JpegTileDecoder, canary, choose_decode
+from wsi_embed.extract.sources.tiff_tiles import TiffTileReader
 
 from .conftest import CMU, TCGA, cli, copy, mad_vs_openslide, small_slide
 

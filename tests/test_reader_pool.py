@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from wsi_embed.reader_pool import MAX_DEATHS, ReaderPool, ReadTask
+from wsi_embed.extract.sources import MAX_DEATHS, ReaderPool, ReadTask, SourceKind, SourceSpec
 from wsi_embed.slides import open_slide
 
 from .conftest import CMU, copy
@@ -34,9 +34,10 @@ def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths):
     with the reason, and the other slide's task is still read."""
     other = copy(CMU, tmp_path / "other.svs")
     coords = np.array([(x, y) for y in range(0, 1500, 200) for x in range(0, 1800, 200)])
-    tasks = [ReadTask(7, str(CMU), 0, 512, 128, coords[:64], 0),  # ≈ 1 s of OpenSlide reads
-             ReadTask(9, str(CMU), 0, 512, 128, coords[64:70], 64),
-             ReadTask(10, str(other), 0, 512, 128, coords[:6], 0)]
+    cmu, oth = (SourceSpec(SourceKind.OPENSLIDE, str(p), 0, 512, 128) for p in (CMU, other))
+    tasks = [ReadTask(7, cmu, coords[:64], 0),  # ≈ 1 s of OpenSlide reads
+             ReadTask(9, cmu, coords[64:70], 64),
+             ReadTask(10, oth, coords[:6], 0)]
     pool = ReaderPool(1, 64, 128, 3)
     killed: list[int] = []
     try:
@@ -46,8 +47,8 @@ def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths):
             pool.submit(t)
         got = {}
         for _ in tasks:
-            tid, slot, err = pool.get(timeout=120)
-            got[tid] = (slot, err)
+            tid, chunk, err = pool.get(timeout=120)
+            got[tid] = (chunk, err)
         killer.join()
         assert len(killed) == deaths
         errors = {tid: err for tid, (_, err) in got.items() if err is not None}
@@ -57,7 +58,7 @@ def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths):
                 ref = np.stack([cv2.resize(sl.read_region(int(x), int(y), 0, 512, 512),
                                            (128, 128), interpolation=cv2.INTER_AREA)
                                 for x, y in tasks[0].coords])
-            assert np.array_equal(pool.slots[got[7][0], :64].numpy(), ref)
+            assert np.array_equal(pool.slots[got[7][0].slot, :64].numpy(), ref)
         else:
             assert sorted(errors) == [7, 9]  # the whole slide, 9 without being read
             assert all(f"died {MAX_DEATHS} times" in e for e in errors.values())

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from wsi_embed.slides import SlideError, open_slide
+from wsi_embed.errors import SlideError
+from wsi_embed.slides import open_slide
 
 from .conftest import CMU, DICOM, KIDNEY, NDPI, TCGA, cli, small_slide
 

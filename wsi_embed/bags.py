@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .h5io import FeatureFileError, FeaturesMeta, read_features, read_features_meta
+from .errors import FeatureFileError
+from .h5io import FeaturesMeta, read_features, read_features_meta
 
 log = logging.getLogger(__name__)
 

@@ -9,26 +9,29 @@ from __future__ import annotations
 import csv
 import logging
 import multiprocessing as mp
-import os
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
-from .h5io import remove_stale_tmp, tmp_path
+from .errors import UsageError
+from .h5io import tmp_path
+from .report import RunReport
 from .slides import SLIDE_EXTENSIONS, dicom_series_uid
-from .tiling import SlideJob, TileConfig, run_tile_job
 
 log = logging.getLogger(__name__)
 
-REPORT_COLUMNS = ["slide_id", "path", "status", "n_patches", "tissue_area_mm2", "level0_mpp",
-                  "read_level", "seconds", "error", "warning"]
 
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide of a batch: where it is, its id, and a per-slide MPP from the slide list."""
 
-class UsageError(Exception):
-    """Bad input found before any work starts (exit code 2)."""
+    path: Path
+    slide_id: str
+    mpp: float | None = None
+    size: int = 0
 
 
 def parse_extensions(ext: str | None) -> tuple[str, ...]:
@@ -162,89 +165,21 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"output folder {out} cannot be written: {e}") from e
 
 
-class Report:
-    """A CSV written row by row to a temporary file and renamed into place at the end."""
-
-    def __init__(self, path: Path, columns: list[str] = REPORT_COLUMNS):
-        self.path, self.columns = path, columns
-        self.tmp = tmp_path(path)
-        self._fh = open(self.tmp, "w", newline="")
-        self._w = csv.DictWriter(self._fh, columns, extrasaction="ignore")
-        self._w.writeheader()
-        self.rows: list[dict] = []
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self._w.writerow(row)
-        self._fh.flush()
-
-    def close(self) -> None:
-        """Rename the finished report into place (once; later calls do nothing)."""
-        if not self._fh.closed:
-            self._fh.close()
-            os.replace(self.tmp, self.path)
-
-
-def progress_bar(total: int, desc: str, unit: str = "slide", leave: bool = True):
-    """A tqdm bar on a terminal; None otherwise (batch logs stay plain lines)."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit, leave=leave)
-    return None
-
-
-def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: Report,
-              num_workers: int = 1, desc: str = "slides") -> dict[str, int]:
+def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: RunReport,
+              num_workers: int = 1) -> None:
     """Run `fn` on each slide (in `num_workers` processes; 0 = in this process) and record one
     row per slide. `fn` turns its own errors into rows; a crashed worker is retried alone."""
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    bar = progress_bar(len(jobs), desc)
-
-    def record(row: dict) -> None:
-        counts[row["status"] if row["status"] in counts else "failed"] += 1
-        report.add(row)
-        if row["status"] == "failed":
-            log.error("%s failed: %s", row["slide_id"], row["error"])
-        elif row.get("warning"):
-            log.warning("%s: %s", row["slide_id"], row["warning"])
-        if bar is not None:
-            bar.update(1)
-        else:
-            log.info("[%d/%d] %s %s (%ss)", sum(counts.values()), len(jobs), row["slide_id"],
-                     row["status"], row["seconds"])
-
+    report.expect(len(jobs))
     if num_workers <= 0:
         for job in jobs:
-            record(fn(job))
-    else:
-        crashed = _run_pool(jobs, fn, num_workers, record)
-        for job in crashed:  # alone, so a second crash can only be this slide's fault
-            again = _run_pool([job], fn, 1, record)
-            for j in again:
-                record({"slide_id": j.slide_id, "path": str(j.path), "status": "failed",
-                        "seconds": 0, "error": "the worker process crashed reading this slide "
-                        "(corrupt file or a bug in the slide library)"})
-    if bar is not None:
-        bar.close()
-    return counts
-
-
-def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int
-                ) -> tuple[dict[str, int], Report]:
-    """Tile `jobs` into cfg.out (coords, thumbnails, tile_report.csv): the `tile` command's
-    work, also run by `extract` for slides that have no coords yet."""
-    import functools
-
-    for sub in ("coords", "thumbnails"):
-        remove_stale_tmp(cfg.out / sub)
-    report = Report(cfg.out / "tile_report.csv")
-    try:
-        counts = run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers,
-                           desc="tile")
-    finally:
-        report.close()
-    return counts, report
+            report.add(fn(job))
+        return
+    crashed = _run_pool(jobs, fn, num_workers, report.add)
+    for job in crashed:  # alone, so a second crash can only be this slide's fault
+        for j in _run_pool([job], fn, 1, report.add):
+            report.add({"slide_id": j.slide_id, "path": str(j.path), "status": "failed",
+                        "seconds": 0, "error": "the worker process crashed reading this "
+                        "slide (corrupt file or a bug in the slide library)"})
 
 
 def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record) -> list[SlideJob]:

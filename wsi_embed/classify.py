@@ -13,17 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from .bags import BagStore, scan_features
-from .batch import Report, UsageError, discover
+from .batch import discover
 from .devices import pick_device
-from .h5io import (
-    FeatureFileError,
-    atomic_h5,
-    read_patch_coords,
-    remove_stale_tmp,
-    set_attrs,
-    write_coords_dataset,
-)
-from .slide_model import ModelError, load_model, predict_bag
+from .errors import FeatureFileError, ModelError, UsageError, describe_error
+from .h5io import atomic_h5, read_patch_coords, remove_stale_tmp, set_attrs, write_coords_dataset
+from .layout import OutputLayout
+from .report import RunReport
+from .slide_model import load_model, predict_bag
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +48,6 @@ def check_compatible(spec, fs, features: Path) -> None:
                              "same encoder and weights as the training features")
 
 
-def attention_path(out: Path, slide_id: str) -> Path:
-    return out / "attention" / f"{slide_id}.h5"
-
-
 def write_attention(path: Path, coords: np.ndarray, coords_attrs: dict, attention, patch_probs,
                     probs: np.ndarray, classes: list[str], head: str) -> None:
     with atomic_h5(path) as f:
@@ -77,41 +69,36 @@ def _slide_paths(folder: Path) -> dict[str, Path]:
         raise FeatureFileError(f"--slides: {e}") from None
 
 
-def run_classify(cfg: ClassifyConfig) -> dict[str, int]:
+def run_classify(cfg: ClassifyConfig) -> RunReport:
     device = pick_device(cfg.device)
     model, _ = load_model(cfg.model, device)
     spec = model.spec
     fs = scan_features(cfg.features)
     check_compatible(spec, fs, cfg.features)
     slides = _slide_paths(cfg.slides) if cfg.slides else {}
+    layout = OutputLayout(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    for sub in ("attention", "heatmaps", "patches", "geojson"):
-        remove_stale_tmp(cfg.out / sub)
+    for folder in layout.classify_dirs():
+        remove_stale_tmp(folder)
     store = BagStore(fs.metas, cache_bytes=0)  # each bag is used once
     columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in spec.classes),
                "status", "error"]
-    report = Report(cfg.out / "predictions.csv", columns)
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    try:
+    with RunReport(layout.predictions, columns, "classify") as report:
+        report.expect(len(fs.metas))
         for sid in sorted(fs.metas):
             row = {"slide_id": sid, "n_patches": fs.metas[sid].n}
             try:
-                row |= _classify_one(sid, fs.metas[sid].path, store, model, device, cfg,
-                                     slides.get(sid))
-                counts[row["status"]] += 1
+                row |= _classify_one(sid, fs.metas[sid].path, store, model, device, layout,
+                                     cfg.top_k, slides.get(sid))
             except Exception as e:  # noqa: BLE001 - one slide never stops the run
-                row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                counts["failed"] += 1
-                log.error("%s failed: %s", sid, row["error"])
+                row |= {"status": "failed", "error": describe_error(e)}
             report.add(row)
-    finally:
-        report.close()
     if cfg.slides:
         missing = sorted(set(fs.metas) - set(slides))
         if missing:
             log.warning("no slide file in %s for %d slides (no heatmaps): %s", cfg.slides,
                         len(missing), ", ".join(missing[:10]))
-    return counts
+    return report
 
 
 def _microns_to_level0(path: Path, coords: np.ndarray, attrs: dict, slide_path: Path | None
@@ -119,7 +106,8 @@ def _microns_to_level0(path: Path, coords: np.ndarray, attrs: dict, slide_path: 
     """STAMP writes coords in µm from the slide's origin; attention files, heatmaps and
     GeoJSON are in level-0 px, which takes the slide's MPP. Without it: no coords (and no
     maps), with a warning, rather than µm drawn as pixels."""
-    from .slides import SlideError, open_slide
+    from .errors import SlideError
+    from .slides import open_slide
 
     why = "there is no slide for it (pass --slides)"
     if slide_path is not None:
@@ -136,7 +124,8 @@ def _microns_to_level0(path: Path, coords: np.ndarray, attrs: dict, slide_path: 
     return np.zeros((0, 2), np.int64), {}
 
 
-def _classify_one(sid, path, store, model, device, cfg, slide_path) -> dict:
+def _classify_one(sid: str, path: Path, store: BagStore, model, device,
+                  layout: OutputLayout, top_k: int, slide_path: Path | None) -> dict:
     spec = model.spec
     if store.n_patches(sid) == 0:
         return {"status": "failed", "error": "no patches (no tissue found); nothing to classify"}
@@ -148,15 +137,15 @@ def _classify_one(sid, path, store, model, device, cfg, slide_path) -> dict:
         log.warning("%s: %d coords for %d patches; no attention map", path, len(coords),
                     store.n_patches(sid))
         coords = np.zeros((0, 2), np.int64)
-    write_attention(attention_path(cfg.out, sid), coords, coords_attrs, attn, patch_probs,
-                    probs, spec.classes, spec.head)
+    write_attention(layout.classify_output("attention", sid), coords, coords_attrs, attn,
+                    patch_probs, probs, spec.classes, spec.head)
     row = {"prediction": spec.classes[int(probs.argmax())], "status": "ok", "error": ""}
     row |= {f"prob_{c}": f"{p:.6f}" for c, p in zip(spec.classes, probs, strict=True)}
     if slide_path is not None and len(coords):
         from .viz import slide_figures
 
-        warn = slide_figures(cfg.out, sid, slide_path, coords, coords_attrs, attn, patch_probs,
-                             probs, spec.classes, cfg.top_k)
+        warn = slide_figures(layout, sid, slide_path, coords, coords_attrs, attn, patch_probs,
+                             probs, spec.classes, top_k)
         if warn:
             row["error"] = warn
     return row

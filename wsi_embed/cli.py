@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 import typer
 
 from . import __version__
+from .errors import UsageError, WsiEmbedError
+from .extract.config import Decode, FeatureDtype, Precision, Reader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-slide images to patch embeddings and slide-level predictions.")
@@ -40,37 +43,41 @@ def _setup_logging(level: str) -> None:
                         format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
-def _usage_error(msg: str) -> typer.Exit:
-    typer.echo(f"Error: {msg}", err=True)
-    return typer.Exit(2)
+def _command(fn):
+    """A command whose expected errors end it with their one line and their exit code."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except WsiEmbedError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return app.command()(run)
 
 
 def _target_mpp(target_mpp: float | None, magnification: float | None) -> float:
     from .tiling import magnification_to_mpp
 
     if target_mpp is not None and magnification is not None:
-        raise _usage_error("give --target-mpp or --magnification, not both")
+        raise UsageError("give --target-mpp or --magnification, not both")
     if magnification is not None:
         if magnification <= 0:
-            raise _usage_error("--magnification must be positive")
+            raise UsageError("--magnification must be positive")
         return magnification_to_mpp(magnification)
     return 0.5 if target_mpp is None else target_mpp
 
 
-@app.command()
+@_command
 def info(slide: Path = typer.Argument(..., help="A slide file."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON."),
          log_level: str = LOG_LEVEL) -> None:
     """Vendor, size, levels, MPP and objective power of one slide."""
-    from .slides import SlideError, open_slide, slide_info
+    from .slides import open_slide, slide_info
 
     _setup_logging(log_level)
-    try:
-        with open_slide(slide) as s:
-            data = slide_info(s)
-    except SlideError as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
+    with open_slide(slide) as s:
+        data = slide_info(s)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -85,48 +92,43 @@ def info(slide: Path = typer.Argument(..., help="A slide file."),
 
 
 def _jobs(slides, slide_list, recursive, ext, shard):
-    from .batch import UsageError, discover, parse_extensions, parse_shard, take_shard
+    from .batch import discover, parse_extensions, parse_shard, take_shard
 
-    try:
-        jobs = discover(slides or [], slide_list, recursive, parse_extensions(ext))
-        return take_shard(jobs, parse_shard(shard))
-    except UsageError as e:
-        raise _usage_error(str(e)) from None
+    jobs = discover(slides or [], slide_list, recursive, parse_extensions(ext))
+    return take_shard(jobs, parse_shard(shard))
 
 
 def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size, overlap,
                  min_tissue, tissue: str, tissue_mask: Path | None):
     """Validate the tiling options shared by `tile` and `extract`, and the output folder."""
-    from .batch import UsageError, check_writable
+    from .batch import check_writable
     from .tiling import TileParams
 
     if tissue not in ("auto", "none"):
-        raise _usage_error("--tissue must be auto or none")
+        raise UsageError("--tissue must be auto or none")
     if tissue_mask is not None and not tissue_mask.exists():
-        raise _usage_error(f"--tissue-mask {tissue_mask} does not exist")
+        raise UsageError(f"--tissue-mask {tissue_mask} does not exist")
     if tissue_mask is not None and tissue_mask.is_file() and n_slides > 1:
-        raise _usage_error("--tissue-mask is one file but there are several slides; give a "
-                           "folder of <slide_id>.geojson/.png masks")
+        raise UsageError("--tissue-mask is one file but there are several slides; give a "
+                         "folder of <slide_id>.geojson/.png masks")
     try:
         params = TileParams(_target_mpp(target_mpp, magnification), patch_size, overlap,
                             min_tissue, "mask" if tissue_mask else tissue)
-        check_writable(out)
-    except (ValueError, UsageError) as e:
-        raise _usage_error(str(e)) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_writable(out)
     return params
 
 
-def _finish(counts: dict[str, int], report_path: Path) -> None:
-    total = sum(counts.values())
-    msg = (f"{total} slides: {counts['ok']} done, {counts['skipped']} already done, "
-           f"{counts['failed']} failed; report: {report_path}")
-    if counts["failed"]:
-        log.error(msg)
+def _finish(report) -> None:
+    """Log the run's summary; exit code 1 when any slide failed."""
+    if report.counts["failed"]:
+        log.error(report.summary())
         raise typer.Exit(1)
-    log.info(msg)
+    log.info(report.summary())
 
 
-@app.command()
+@_command
 def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders."),
          out: Path = OUT, slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE,
          ext: str = EXT, target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
@@ -135,19 +137,17 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
          overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
          log_level: str = LOG_LEVEL) -> None:
     """Find tissue and lay a grid of patches at a physical resolution."""
-    from .batch import tile_slides
-    from .tiling import TileConfig
+    from .tiling import TileConfig, tile_slides
 
     _setup_logging(log_level)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask)
-    counts, report = tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask,
-                                                  overwrite), num_workers)
-    _finish(counts, report.path)
+    _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite),
+                        num_workers))
 
 
-@app.command()
+@_command
 def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The encoder registry: name, architecture, dim, input size, weights, licence."""
     from dataclasses import asdict
@@ -164,7 +164,7 @@ def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
                    f"{r.licence}")
 
 
-@app.command()
+@_command
 def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folders."),
             out: Path = OUT, encoder: str = typer.Option(..., "--encoder",
                                                          help="Preset name (see `encoders`)."),
@@ -177,18 +177,20 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
                                         help="Several devices, one process each: "
                                              "cuda:0,cuda:1 or 'all' (default: --device)."),
             batch_size: int = typer.Option(None, "--batch-size", help="Default: by device."),
-            precision: str = typer.Option(None, "--precision",
-                                          help="bf16, fp16 or fp32 (CUDA; CPU is fp32)."),
-            dtype: str = typer.Option("float32", "--dtype", help="Stored: float32 or float16."),
+            precision: Precision = typer.Option(None, "--precision",
+                                                help="On CUDA (CPU is fp32); default: the "
+                                                     "preset's."),
+            dtype: FeatureDtype = typer.Option(FeatureDtype.FLOAT32, "--dtype",
+                                               help="Stored features."),
             compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
-            reader: str = typer.Option("auto", "--reader",
-                                       help="auto (raw TIFF tiles where possible, else "
-                                            "OpenSlide), fast or openslide."),
-            decode: str = typer.Option("auto", "--decode",
-                                       help="JPEG tiles of the fast reader: auto or cpu "
-                                            "(reader processes), or gpu (batched nvJPEG on "
-                                            "the device for YCbCr JPEG; on --device cpu the "
-                                            "same path with libjpeg-turbo)."),
+            reader: Reader = typer.Option(Reader.AUTO, "--reader",
+                                          help="auto: raw TIFF tiles where possible, else "
+                                               "OpenSlide; fast insists on raw tiles."),
+            decode: Decode = typer.Option(Decode.AUTO, "--decode",
+                                          help="JPEG tiles of the fast reader: auto or cpu "
+                                               "(reader processes), or gpu (batched nvJPEG on "
+                                               "the device for YCbCr JPEG; on --device cpu the "
+                                               "same path with libjpeg-turbo)."),
             slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE, ext: str = EXT,
             target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
             patch_size: int = PATCH_SIZE, overlap: int = OVERLAP,
@@ -197,52 +199,35 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
             log_level: str = LOG_LEVEL) -> None:
     """Per-patch embeddings with a pathology encoder (tiles slides that have no coords)."""
-    from .batch import Report
     from .devices import parse_devices
-    from .encoders import EncoderError, get_config
-    from .extract import DTYPES, EXTRACT_COLUMNS, PRECISIONS, ExtractConfig, run_extract
-    from .fast_reader import READERS
-    from .gpu_decode import DECODES
+    from .encoders import get_config
+    from .extract import EXTRACT_COLUMNS, ExtractConfig, run_extract
     from .h5io import remove_stale_tmp
+    from .report import RunReport
     from .tiling import TileConfig
 
     _setup_logging(log_level)
-    try:
-        get_config(encoder)
-    except EncoderError as e:
-        raise _usage_error(str(e)) from None
-    if precision is not None and precision not in PRECISIONS:
-        raise _usage_error(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if dtype not in DTYPES:
-        raise _usage_error(f"--dtype must be one of {', '.join(DTYPES)}")
-    if reader not in READERS:
-        raise _usage_error(f"--reader must be one of {', '.join(READERS)}")
-    if decode not in DECODES:
-        raise _usage_error(f"--decode must be one of {', '.join(DECODES)}")
+    get_config(encoder)
     try:
         device_list = parse_devices(devices, device)
     except ValueError as e:
-        raise _usage_error(str(e)) from None
+        raise UsageError(str(e)) from None
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask)
     tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
-    cfg = ExtractConfig(out, encoder, weights, device, batch_size, num_workers, precision,
-                        dtype, compile, overwrite, reader=reader, decode=decode,
-                        devices=device_list)
-    remove_stale_tmp(out / "features" / encoder)
-    report = Report(out / f"extract_report_{encoder}.csv", EXTRACT_COLUMNS)
-    try:
-        counts = run_extract(jobs, cfg, tile_cfg, coords, report)
-    except EncoderError as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        report.close()
-    _finish(counts, report.path)
+    cfg = ExtractConfig(out=out, encoder=encoder, weights=weights, device=device,
+                        batch_size=batch_size, num_workers=num_workers, precision=precision,
+                        dtype=dtype, compile=compile, overwrite=overwrite, reader=reader,
+                        decode=decode, devices=device_list)
+    remove_stale_tmp(cfg.layout.features_dir(encoder))
+    with RunReport(cfg.layout.extract_report(encoder), EXTRACT_COLUMNS,
+                   f"extract {encoder}") as report:
+        run_extract(jobs, cfg, tile_cfg, coords, report)
+    _finish(report)
 
 
-@app.command()
+@_command
 def train(features: Path = typer.Option(..., "--features",
                                         help="Folder of <slide_id>.h5 features files."),
           labels: Path = typer.Option(..., "--labels",
@@ -265,24 +250,20 @@ def train(features: Path = typer.Option(..., "--features",
           overwrite: bool = OVERWRITE, log_level: str = LOG_LEVEL) -> None:
     """Train a slide-level head with cross-validation; writes model.pt and metrics."""
     from .bags import scan_features
-    from .h5io import FeatureFileError
-    from .train import TrainConfig, TrainError, run_train
+    from .train import TrainConfig, run_train
 
     _setup_logging(log_level)
     if (out / "model.pt").exists() and not overwrite:
-        raise _usage_error(f"{out / 'model.pt'} exists; use another --out or --overwrite")
+        raise UsageError(f"{out / 'model.pt'} exists; use another --out or --overwrite")
     cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay, bag_size or None, batch_size,
                       seed, device, patience, cache_gb=cache_gb)
-    try:
-        result = run_train(scan_features(features), labels, cfg)
-    except (TrainError, FeatureFileError) as e:
-        raise _usage_error(str(e)) from None
+    result = run_train(scan_features(features), labels, cfg)
     summary = result["summary"]
     log.info("done: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
                                   for k, v in summary.items()) + f"; model: {out / 'model.pt'}")
 
 
-@app.command()
+@_command
 def classify(features: Path = typer.Option(..., "--features",
                                            help="Folder of <slide_id>.h5 features files."),
              model: Path = typer.Option(..., "--model", help="model.pt from `train`."),
@@ -294,18 +275,12 @@ def classify(features: Path = typer.Option(..., "--features",
              log_level: str = LOG_LEVEL) -> None:
     """Predict slides with a trained model; per-patch attention, heatmaps, QuPath GeoJSON."""
     from .classify import ClassifyConfig, run_classify
-    from .h5io import FeatureFileError
-    from .slide_model import ModelError
 
     _setup_logging(log_level)
-    try:
-        counts = run_classify(ClassifyConfig(features, model, out, slides, top_k, device))
-    except (ModelError, FeatureFileError) as e:
-        raise _usage_error(str(e)) from None
-    _finish(counts, out / "predictions.csv")
+    _finish(run_classify(ClassifyConfig(features, model, out, slides, top_k, device)))
 
 
-@app.command()
+@_command
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

@@ -17,24 +17,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import EncoderError
+
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-class EncoderError(Exception):
-    """Unknown preset, unusable weights, or weights that cannot be found."""
+Remap = Callable[[dict, nn.Module], dict]
+
+
+def remap_timm(sd: dict, model: nn.Module) -> dict:
+    """A plain timm checkpoint: every key belongs to the trunk."""
+    return {"trunk." + k: v for k, v in sd.items()}
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """One preset. `arch` is a timm architecture name (or a callable for test encoders)."""
+    """One preset. `arch` is a timm architecture name (or a callable for test encoders).
+    Per-model quirks travel with it as small functions, as timm's `pretrained_filter_fn`:
+    `head` builds the module that pools the trunk's tokens (None: the trunk's own pooling),
+    `adapt` changes the built trunk, `remap` maps an official checkpoint onto the
+    `trunk.*` / `head.*` layout."""
 
     arch: str | Callable[..., nn.Module]
     kwargs: dict
-    pool: str  # token | cls_mean | avg | conch_v1 | conch_v1_5 | identity
     dim: int
+    head: Callable[[nn.Module], nn.Module] | None = None
     input_size: int = 224
     resize: int = 224  # resize the patch to this, then centre-crop to input_size
     interpolation: str = "bilinear"
@@ -42,10 +52,11 @@ class EncoderConfig:
     precision: str = "bf16"  # on CUDA; CPU always runs fp32
     hf_repo: str = ""
     hf_file: str = "pytorch_model.bin"
-    remap: str = "timm"  # how an official checkpoint maps onto trunk./head.
+    remap: Remap = remap_timm
+    adapt: Callable[[nn.Module], None] | None = None
     licence: str = ""
     gated: bool = False
-    target_mpp: float = 0.5
+    target_mpp: float = 0.5  # the resolution the authors trained at (a warning otherwise)
     note: str = ""
 
     @property
@@ -61,88 +72,6 @@ def _swiglu() -> dict:
 
 _VIT_L = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
           "dynamic_img_size": True}
-
-#: The registry. Keys are preset names as used by `--encoder`.
-PRESETS: dict[str, EncoderConfig] = {
-    "uni_v1": EncoderConfig(
-        "vit_large_patch16_224", _VIT_L, "token", 1024, hf_repo="MahmoodLab/UNI",
-        licence="CC-BY-NC-ND-4.0", gated=True),
-    "uni_v2": EncoderConfig(
-        "vit_giant_patch14_224",
-        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "embed_dim": 1536,
-         "mlp_ratio": 2.66667 * 2, "init_values": 1e-5, "no_embed_class": True,
-         "reg_tokens": 8, "num_classes": 0, "dynamic_img_size": True, "swiglu": True},
-        "token", 1536, hf_repo="MahmoodLab/UNI2-h", licence="CC-BY-NC-ND-4.0", gated=True),
-    "conch_v1": EncoderConfig(
-        "vit_base_patch16_224", {"img_size": 448, "num_classes": 0, "dynamic_img_size": True,
-                                 "global_pool": ""},
-        "conch_v1", 512, input_size=448, resize=448, interpolation="bicubic", mean_std=CLIP,
-        precision="fp32", hf_repo="MahmoodLab/CONCH", remap="conch_v1",
-        licence="CC-BY-NC-ND-4.0", gated=True, note="image tower: attention-pooled, no proj"),
-    "conch_v1_5": EncoderConfig(
-        "vit_large_patch16_224", {"img_size": 448, "init_values": 1.0, "num_classes": 0,
-                                  "dynamic_img_size": True, "global_pool": ""},
-        "conch_v1_5", 768, input_size=448, resize=448, hf_repo="MahmoodLab/conchv1_5",
-        hf_file="pytorch_model_vision.bin", remap="conch_v1_5", licence="CC-BY-NC-ND-4.0",
-        gated=True),
-    "virchow2": EncoderConfig(
-        "vit_huge_patch14_224",
-        {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
-         "num_classes": 0, "reg_tokens": 4, "dynamic_img_size": True, "swiglu": True},
-        "cls_mean", 2560, interpolation="bicubic", hf_repo="paige-ai/Virchow2",
-        licence="CC-BY-NC-ND-4.0", gated=True, note="CLS ⊕ mean of patch tokens"),
-    "h_optimus_0": EncoderConfig(
-        "vit_giant_patch14_reg4_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
-         "dynamic_img_size": False},
-        "token", 1536, mean_std=HOPTIMUS, hf_repo="bioptimus/H-optimus-0",
-        licence="Apache-2.0"),
-    "h_optimus_1": EncoderConfig(
-        "vit_giant_patch14_reg4_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
-         "dynamic_img_size": False},
-        "token", 1536, mean_std=HOPTIMUS, hf_repo="bioptimus/H-optimus-1",
-        licence="CC-BY-NC-ND-4.0", gated=True),
-    "gigapath": EncoderConfig(
-        "vit_giant_patch14_dinov2",
-        {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
-         "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0},
-        "token", 1536, resize=256, interpolation="bicubic",
-        hf_repo="prov-gigapath/prov-gigapath", licence="prov-gigapath licence (see HF page)",
-        gated=True, note="Resize 256 + CenterCrop 224"),
-    "phikon_v2": EncoderConfig(
-        "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0},
-        "token", 1024, precision="fp32", hf_repo="owkin/phikon-v2", hf_file="model.safetensors",
-        remap="hf_dinov2", licence="Owkin non-commercial"),
-    "ctranspath": EncoderConfig(
-        "swin_tiny_patch4_window7_224", {"num_classes": 0, "convstem": True}, "avg", 768,
-        precision="fp32", hf_repo="1aurent/swin_tiny_patch4_window7_224.CTransPath",
-        hf_file="model.safetensors", remap="ctranspath", licence="GPL-3.0", target_mpp=1.0,
-        note="Swin-T with ConvStem; authors recommend 1.0 µm/px"),
-    "resnet50_trunc": EncoderConfig(
-        "resnet50", {"num_classes": 0}, "avg", 1024, precision="fp32",
-        hf_repo="timm/resnet50.tv_in1k", hf_file="model.safetensors", remap="resnet_trunc",
-        licence="BSD-3-Clause", note="ImageNet ResNet-50 cut after layer3 (CLAM baseline)"),
-    "kaiko_vits16": EncoderConfig(
-        "vit_small_patch16_224", {"img_size": 224, "num_classes": 0}, "token", 384,
-        mean_std=HALF, precision="fp32",
-        hf_repo="1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
-    "kaiko_vitb16": EncoderConfig(
-        "vit_base_patch16_224", {"img_size": 224, "num_classes": 0}, "token", 768,
-        mean_std=HALF, precision="fp32",
-        hf_repo="1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
-}
-
-
-def get_config(name: str) -> EncoderConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise EncoderError(f"unknown encoder {name!r}; valid: {', '.join(sorted(PRESETS))}") \
-            from None
-
 
 # -- pooling heads and custom stems (the parts that are not stock timm) ----------------------
 class ConchV1Pooler(nn.Module):
@@ -211,49 +140,32 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-class Encoder(nn.Module):
-    """trunk (timm) + head (pooling): uint8-free, takes normalised (B, 3, S, S) input."""
+class ClsMean(nn.Module):
+    """Virchow's embedding: the class token ⊕ the mean of the patch tokens (registers out)."""
 
-    def __init__(self, trunk: nn.Module, pool: str, head: nn.Module | None = None):
+    def __init__(self, num_prefix: int):
         super().__init__()
-        self.trunk, self.pool = trunk, pool
-        self.head = head if head is not None else nn.Identity()
-        self.num_prefix = getattr(trunk, "num_prefix_tokens", 1)
+        self.num_prefix = num_prefix
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool in ("token", "avg", "identity"):
-            return self.trunk(x)
-        tokens = self.trunk.forward_features(x)
-        if self.pool == "cls_mean":
-            return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=-1)
-        return self.head(tokens)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=-1)
 
 
-def build_encoder(name: str, device: str | torch.device = "cpu") -> tuple[Encoder, EncoderConfig]:
-    """The preset's architecture, untrained (seeded, so every process builds the same one)."""
-    import timm
+def cls_mean_head(trunk: nn.Module) -> nn.Module:
+    return ClsMean(getattr(trunk, "num_prefix_tokens", 1))
 
-    cfg = get_config(name)
-    kw = dict(cfg.kwargs)
-    if kw.pop("swiglu", False):
-        kw.update(_swiglu())
-    if kw.pop("convstem", False):
-        kw["embed_layer"] = ConvStem
-    with torch.device(device):
-        torch.manual_seed(0)
-        if callable(cfg.arch):
-            trunk = cfg.arch(**kw)
-        else:
-            trunk = timm.create_model(cfg.arch, pretrained=False, **kw)
-        head = None
-        if cfg.remap == "resnet_trunc":
-            trunk.layer4 = nn.Identity()
-        if cfg.pool == "conch_v1":
-            head = ConchV1Pooler(512, trunk.embed_dim)
-        elif cfg.pool == "conch_v1_5":
-            head = ConchV15Pooler(768, trunk.embed_dim)
-        model = Encoder(trunk, cfg.pool, head)
-    return model.eval(), cfg
+
+def conch_v1_head(trunk: nn.Module) -> nn.Module:
+    return ConchV1Pooler(512, trunk.embed_dim)
+
+
+def conch_v1_5_head(trunk: nn.Module) -> nn.Module:
+    return ConchV15Pooler(768, trunk.embed_dim)
+
+
+def truncate_after_layer3(trunk: nn.Module) -> None:
+    """CLAM's ResNet-50 baseline stops after layer3 (1024-d)."""
+    trunk.layer4 = nn.Identity()
 
 
 # -- checkpoints ---------------------------------------------------------------------------
@@ -310,27 +222,167 @@ def _hf_dinov2(sd: dict) -> dict:
     return out
 
 
+def remap_conch_v1(sd: dict, model: nn.Module) -> dict:
+    """open_clip's CoCa: the image tower under `visual.`; the pooler's parameter names
+    match ours, the text tower and projections are dropped."""
+    return {**_prefix(sd, "visual.trunk.", "trunk."),
+            **_prefix(sd, "visual.attn_pool_contrast.", "head."),
+            **_prefix(sd, "visual.ln_contrast.", "head.ln_out.")}
+
+
+def remap_conch_v1_5(sd: dict, model: nn.Module) -> dict:
+    """The CONCH v1.5 vision checkpoint: `trunk.*`, `attn_pool_contrast.*`, `ln_contrast.*`."""
+    return {**_prefix(sd, "trunk.", "trunk."),
+            **_prefix(sd, "attn_pool_contrast.", "head."),
+            **_prefix(sd, "ln_contrast.", "head.ln_out.")}
+
+
+def remap_hf_dinov2(sd: dict, model: nn.Module) -> dict:
+    return remap_timm(_hf_dinov2(sd), model)
+
+
+def remap_ctranspath(sd: dict, model: nn.Module) -> dict:
+    """timm 0.5.4 Swin (the TransPath and CHIEF files) → timm 1.0, by timm's own filter."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    sd = checkpoint_filter_fn({k: v for k, v in sd.items() if not k.startswith("head")},
+                              model.trunk)
+    return remap_timm(sd, model)
+
+
+def remap_resnet_trunc(sd: dict, model: nn.Module) -> dict:
+    return remap_timm({k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))},
+                      model)
+
+
+#: The registry. Keys are preset names as used by `--encoder`.
+PRESETS: dict[str, EncoderConfig] = {
+    "uni_v1": EncoderConfig(
+        "vit_large_patch16_224", _VIT_L, 1024, hf_repo="MahmoodLab/UNI",
+        licence="CC-BY-NC-ND-4.0", gated=True),
+    "uni_v2": EncoderConfig(
+        "vit_giant_patch14_224",
+        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "embed_dim": 1536,
+         "mlp_ratio": 2.66667 * 2, "init_values": 1e-5, "no_embed_class": True,
+         "reg_tokens": 8, "num_classes": 0, "dynamic_img_size": True, "swiglu": True},
+        1536, hf_repo="MahmoodLab/UNI2-h", licence="CC-BY-NC-ND-4.0", gated=True),
+    "conch_v1": EncoderConfig(
+        "vit_base_patch16_224", {"img_size": 448, "num_classes": 0, "dynamic_img_size": True,
+                                 "global_pool": ""},
+        512, head=conch_v1_head, input_size=448, resize=448, interpolation="bicubic",
+        mean_std=CLIP, precision="fp32", hf_repo="MahmoodLab/CONCH", remap=remap_conch_v1,
+        licence="CC-BY-NC-ND-4.0", gated=True, note="image tower: attention-pooled, no proj"),
+    "conch_v1_5": EncoderConfig(
+        "vit_large_patch16_224", {"img_size": 448, "init_values": 1.0, "num_classes": 0,
+                                  "dynamic_img_size": True, "global_pool": ""},
+        768, head=conch_v1_5_head, input_size=448, resize=448, hf_repo="MahmoodLab/conchv1_5",
+        hf_file="pytorch_model_vision.bin", remap=remap_conch_v1_5, licence="CC-BY-NC-ND-4.0",
+        gated=True),
+    "virchow2": EncoderConfig(
+        "vit_huge_patch14_224",
+        {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
+         "num_classes": 0, "reg_tokens": 4, "dynamic_img_size": True, "swiglu": True},
+        2560, head=cls_mean_head, interpolation="bicubic", hf_repo="paige-ai/Virchow2",
+        licence="CC-BY-NC-ND-4.0", gated=True, note="CLS ⊕ mean of patch tokens"),
+    "h_optimus_0": EncoderConfig(
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
+         "dynamic_img_size": False},
+        1536, mean_std=HOPTIMUS, hf_repo="bioptimus/H-optimus-0",
+        licence="Apache-2.0"),
+    "h_optimus_1": EncoderConfig(
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
+         "dynamic_img_size": False},
+        1536, mean_std=HOPTIMUS, hf_repo="bioptimus/H-optimus-1",
+        licence="CC-BY-NC-ND-4.0", gated=True),
+    "gigapath": EncoderConfig(
+        "vit_giant_patch14_dinov2",
+        {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+         "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0},
+        1536, resize=256, interpolation="bicubic",
+        hf_repo="prov-gigapath/prov-gigapath", licence="prov-gigapath licence (see HF page)",
+        gated=True, note="Resize 256 + CenterCrop 224"),
+    "phikon_v2": EncoderConfig(
+        "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0},
+        1024, precision="fp32", hf_repo="owkin/phikon-v2", hf_file="model.safetensors",
+        remap=remap_hf_dinov2, licence="Owkin non-commercial"),
+    "ctranspath": EncoderConfig(
+        "swin_tiny_patch4_window7_224", {"num_classes": 0, "convstem": True}, 768,
+        precision="fp32", hf_repo="1aurent/swin_tiny_patch4_window7_224.CTransPath",
+        hf_file="model.safetensors", remap=remap_ctranspath, licence="GPL-3.0", target_mpp=1.0,
+        note="Swin-T with ConvStem; authors recommend 1.0 µm/px"),
+    "resnet50_trunc": EncoderConfig(
+        "resnet50", {"num_classes": 0}, 1024, precision="fp32", adapt=truncate_after_layer3,
+        hf_repo="timm/resnet50.tv_in1k", hf_file="model.safetensors", remap=remap_resnet_trunc,
+        licence="BSD-3-Clause", note="ImageNet ResNet-50 cut after layer3 (CLAM baseline)"),
+    "kaiko_vits16": EncoderConfig(
+        "vit_small_patch16_224", {"img_size": 224, "num_classes": 0}, 384,
+        mean_std=HALF, precision="fp32",
+        hf_repo="1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
+        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
+    "kaiko_vitb16": EncoderConfig(
+        "vit_base_patch16_224", {"img_size": 224, "num_classes": 0}, 768,
+        mean_std=HALF, precision="fp32",
+        hf_repo="1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms",
+        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
+}
+
+
+def get_config(name: str) -> EncoderConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise EncoderError(f"unknown encoder {name!r}; valid: {', '.join(sorted(PRESETS))}") \
+            from None
+
+
+class Encoder(nn.Module):
+    """trunk (timm) + head (pooling of the trunk's tokens, or none: the trunk pools):
+    uint8-free, takes normalised (B, 3, S, S) input."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head if head is not None else nn.Identity()
+        self.pools_tokens = head is not None
+        self.num_prefix = getattr(trunk, "num_prefix_tokens", 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pools_tokens:
+            return self.trunk(x)
+        return self.head(self.trunk.forward_features(x))
+
+
+def build_encoder(name: str, device: str | torch.device = "cpu") -> tuple[Encoder, EncoderConfig]:
+    """The preset's architecture, untrained: seeded on a forked RNG, so every process builds
+    the same one and the caller's random state is left as it was."""
+    import timm
+
+    cfg = get_config(name)
+    kw = dict(cfg.kwargs)
+    if kw.pop("swiglu", False):
+        kw.update(_swiglu())
+    if kw.pop("convstem", False):
+        kw["embed_layer"] = ConvStem
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        if callable(cfg.arch):
+            trunk = cfg.arch(**kw)
+        else:
+            trunk = timm.create_model(cfg.arch, pretrained=False, **kw)
+        if cfg.adapt is not None:
+            cfg.adapt(trunk)
+        model = Encoder(trunk, cfg.head(trunk) if cfg.head is not None else None)
+    return model.eval(), cfg
+
+
 def remap_checkpoint(sd: dict, cfg: EncoderConfig, model: Encoder) -> dict:
     """An official checkpoint (or one saved from this Encoder) → this Encoder's keys."""
     sd = _unwrap(sd)
     if any(k.startswith("trunk.") for k in sd):
         return sd  # already in our layout (saved from an Encoder)
-    r = cfg.remap
-    if r in ("conch_v1", "conch_v1_5"):  # pooler parameter names match open_clip's
-        pre = "visual." if r == "conch_v1" else ""
-        return {**_prefix(sd, pre + "trunk.", "trunk."),
-                **_prefix(sd, pre + "attn_pool_contrast.", "head."),
-                **_prefix(sd, pre + "ln_contrast.", "head.ln_out.")}
-    if r == "hf_dinov2":
-        sd = _hf_dinov2(sd)
-    elif r == "ctranspath":
-        from timm.models.swin_transformer import checkpoint_filter_fn
-
-        sd = checkpoint_filter_fn({k: v for k, v in sd.items() if not k.startswith("head")},
-                                  model.trunk)
-    elif r == "resnet_trunc":
-        sd = {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}
-    return {"trunk." + k: v for k, v in sd.items()}
+    return cfg.remap(sd, model)
 
 
 def load_state_file(path: Path) -> dict:

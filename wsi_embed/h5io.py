@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import re
 import socket
@@ -19,16 +20,15 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .errors import FeatureFileError, OutputError
+
+log = logging.getLogger(__name__)
 
 COORDS_SCHEMA = "wsi-embed/coords/1"
 FEATURES_SCHEMA = "wsi-embed/features/1"
 TMP_SUFFIX = ".tmp"
 #: Keep each HDF5 chunk at or under 1 MiB (DESIGN.md).
 CHUNK_BYTES = 1 << 20
-
-
-class OutputError(Exception):
-    """An existing output that cannot be used as is (corrupt, or made with other settings)."""
 
 
 def tmp_path(final: Path) -> Path:
@@ -117,7 +117,7 @@ def chunk_rows(row_bytes: int, n: int) -> int:
 
 def now_attrs() -> dict:
     return {"wsi_embed_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
 def slide_provenance(slide_path: Path) -> dict:
@@ -147,6 +147,65 @@ def write_coords_file(final: Path, coords: np.ndarray, tissue_fraction: np.ndarr
         set_attrs(f, root_attrs)
         write_coords_dataset(f, coords, coords_attrs)
         f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
+
+
+class FeaturesWriter:
+    """A features file (schema `FEATURES_SCHEMA`) filled in row blocks as features arrive,
+    under a temporary name until `commit`; `abort` deletes it. The one writer of the
+    features schema: `extract` streams into it, `write_features_file` writes one at once."""
+
+    def __init__(self, final: Path, n: int, dim: int, dtype, coords: np.ndarray,
+                 coords_attrs: dict, root_attrs: dict):
+        self._h5 = AtomicH5(final)
+        try:
+            f = self._h5.f
+            f.attrs["schema"] = FEATURES_SCHEMA
+            set_attrs(f, {**root_attrs, **now_attrs()})
+            rows = chunk_rows(dim * np.dtype(dtype).itemsize, n)
+            self.features = f.create_dataset("features", shape=(n, dim), dtype=dtype,
+                                             chunks=(rows, dim) if n else None)
+            write_coords_dataset(f, coords, coords_attrs)
+        except BaseException:
+            self._h5.abort()
+            raise
+
+    def write(self, row0: int, feats: np.ndarray) -> None:
+        self.features[row0 : row0 + len(feats)] = feats
+
+    def commit(self) -> None:
+        self._h5.commit()
+
+    def abort(self) -> None:
+        self._h5.abort()
+
+
+def write_features_file(final: Path, features: np.ndarray, coords: np.ndarray,
+                        coords_attrs: dict, root_attrs: dict) -> None:
+    """A whole features file at once (synthetic data, tests)."""
+    w = FeaturesWriter(final, len(features), features.shape[1], features.dtype, coords,
+                       coords_attrs, root_attrs)
+    try:
+        w.write(0, features)
+    except BaseException:
+        w.abort()
+        raise
+    w.commit()
+
+
+def resume_status(path: Path, schema: str, expect: dict, overwrite: bool) -> str | None:
+    """"skipped" when a finished output made with the same settings exists; None when the
+    slide must be (re)done; OutputError when an output made otherwise would be lost."""
+    if overwrite:
+        return None
+    why = check_output(path, schema, expect)
+    if why is None:
+        return "skipped"
+    if why.startswith("made with"):
+        raise OutputError(f"{path} exists but was {why}; pass --overwrite to redo it or choose "
+                          "another --out")
+    if why != "missing":
+        log.warning("existing %s is not usable (%s); redoing it", path, why)
+    return None
 
 
 @dataclass
@@ -210,10 +269,6 @@ def _same(a, b) -> bool:
 # -- features files from wsi-embed, CLAM/TRIDENT and STAMP --------------------------------
 #: Dataset names that hold per-patch features, in the order they are looked for.
 FEATURE_KEYS = ("features", "feats")
-
-
-class FeatureFileError(Exception):
-    """A features file that cannot be used for slide-level work (the message says why)."""
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .errors import ModelError
 from .h5io import atomic_file
 from .heads import HeadOutput, build_head
 
 MODEL_FORMAT = "wsi-embed/model/1"
-
-
-class ModelError(Exception):
-    """A model file that cannot be used (missing, corrupt, or for other features)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SlideError
+
 #: A level whose MPP is within this ratio of the target is read natively (no resize).
 MPP_TOLERANCE = 0.02
 #: Plausible level-0 MPP for a brightfield or fluorescence WSI; outside it the metadata is
@@ -30,10 +32,6 @@ UNSUPPORTED_HINTS = {
     ".czi": "Zeiss CZI is not readable by OpenSlide; convert it to OME-TIFF (e.g. bfconvert)",
     ".isyntax": "Philips iSyntax is not readable by OpenSlide; convert it to TIFF first",
 }
-
-
-class SlideError(Exception):
-    """A problem with one slide: the batch records it and goes on with the others."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ class Slide:
     def read_region(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) at `level`, top-left (x, y) in level-0 px; outside is white."""
         if self._pixels is not None:
-            return _crop_padded(self._pixels, x, y, w, h)
+            return crop_padded(self._pixels, x, y, w, h)
         region = np.asarray(self._handle.read_region((int(x), int(y)), level, (int(w), int(h))))
         rgb = region[..., :3].copy()
         rgb[region[..., 3] == 0] = 255  # transparent = no scanned data: treat as glass
@@ -142,10 +140,15 @@ class Slide:
         self.close()
 
 
-def _crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
-    out = np.full((h, w, 3), 255, np.uint8)
+def crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """(h, w, 3) of `img` at top-left (x, y), white outside it; into `out` when given."""
     x0, y0 = max(x, 0), max(y, 0)
     x1, y1 = min(x + w, img.shape[1]), min(y + h, img.shape[0])
+    if out is None:
+        out = np.full((h, w, 3), 255, np.uint8)
+    elif (x0, y0, x1, y1) != (x, y, x + w, y + h):
+        out[:] = 255
     if x1 > x0 and y1 > y0:
         out[y0 - y : y1 - y, x0 - x : x1 - x] = img[y0:y1, x0:x1]
     return out
@@ -225,8 +228,20 @@ def open_slide(path: str | os.PathLike) -> Slide:
 
 def _open_plain(path: Path) -> Slide:
     """Fallback for ordinary images (stripped TIFF, PNG, JPEG): one level, held in memory."""
+    pixels, props = read_plain_image(path)
+    mpp, source = mpp_from_properties(props)
+    h, w = pixels.shape[:2]
+    return Slide(path=path, vendor="plain-image", width=w, height=h, level_dims=[(w, h)],
+                 level_downsamples=[1.0], metadata_mpp=mpp, metadata_mpp_source=source,
+                 objective_power=None, properties=props, _pixels=pixels)
+
+
+def read_plain_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str]]:
+    """The RGB uint8 pixels of a non-pyramidal image, decoded whole, and its resolution tags
+    as OpenSlide-style properties; SlideError when it cannot be read or is too large."""
     import tifffile
 
+    path = Path(path)
     props: dict[str, str] = {}
     try:
         with tifffile.TiffFile(path) as tif:
@@ -252,12 +267,7 @@ def _open_plain(path: Path) -> Slide:
             raise SlideError(f"{path}: not a slide or image format that OpenSlide, tifffile or "
                              "OpenCV can read (unsupported or corrupt file)") from None
         pixels = pixels[..., ::-1]
-    pixels = _to_rgb8(pixels, path)
-    mpp, source = mpp_from_properties(props)
-    h, w = pixels.shape[:2]
-    return Slide(path=path, vendor="plain-image", width=w, height=h, level_dims=[(w, h)],
-                 level_downsamples=[1.0], metadata_mpp=mpp, metadata_mpp_source=source,
-                 objective_power=None, properties=props, _pixels=np.ascontiguousarray(pixels))
+    return np.ascontiguousarray(_to_rgb8(pixels, path)), props
 
 
 def _to_rgb8(a: np.ndarray, path: Path) -> np.ndarray:

@@ -163,7 +163,7 @@ def write_witness_bags(folder: Path, n_slides: int, n_classes: int = 2, dim: int
     """Features files of Gaussian patches; class c > 0 bags hold 2–5 % "witness" patches
     shifted by `shift` along a class-specific random direction. Slides come in patients of
     one or two slides. Writes `folder/<slide_id>.h5` and `folder/labels.csv`."""
-    from .h5io import FEATURES_SCHEMA, atomic_h5, write_coords_dataset
+    from .h5io import write_features_file
 
     rng = np.random.default_rng(seed)
     dirs = rng.standard_normal((n_classes, dim))
@@ -181,11 +181,9 @@ def write_witness_bags(folder: Path, n_slides: int, n_classes: int = 2, dim: int
             x[w] += shift * dirs[c]
         side = int(np.ceil(np.sqrt(n)))
         coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1) * 512
-        with atomic_h5(folder / f"{sid}.h5") as f:
-            f.attrs.update({"schema": FEATURES_SCHEMA, "encoder": encoder, "weights": weights,
-                            "embed_dim": dim})
-            f.create_dataset("features", data=x.astype(dtype))
-            write_coords_dataset(f, coords, {"patch_size": 256, "patch_size_level0": 512})
+        write_features_file(folder / f"{sid}.h5", x.astype(dtype), coords,
+                            {"patch_size": 256, "patch_size_level0": 512},
+                            {"encoder": encoder, "weights": weights, "embed_dim": dim})
         labels[sid], witnesses[sid] = str(c), w
         rows.append(f"{sid},{c},patient_{i // (2 * n_classes):04d}_{c}")  # two slides each
     csv_path = folder / "labels.csv"

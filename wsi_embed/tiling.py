@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -10,7 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from . import h5io
-from .slides import PatchGeometry, Slide, SlideError, open_slide, read_thumbnail
+from .batch import SlideJob, run_batch
+from .errors import SlideError, describe_error, one_line
+from .layout import OutputLayout
+from .report import RunReport
+from .slides import PatchGeometry, Slide, open_slide, read_thumbnail
 from .tissue import (
     TissueMask,
     TissueParams,
@@ -54,16 +59,6 @@ class TileParams:
     def root_attrs(self) -> dict:
         """Tiling parameters stored in (and checked against) every coords file."""
         return {f"tiling_{k}": v for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """One slide of a batch: where it is, its id, and a per-slide MPP from the slide list."""
-
-    path: Path
-    slide_id: str
-    mpp: float | None = None
-    size: int = 0
 
 
 def resolve_mpp(slide: Slide, job: SlideJob, slide_mpp: float | None) -> float:
@@ -179,26 +174,23 @@ def coords_root_attrs(slide: Slide, params: TileParams, mpp_source: str) -> dict
             "mpp_source": mpp_source}
 
 
-def write_tile_outputs(out: Path, slide_id: str, slide: Slide, res: TileResult,
+def write_tile_outputs(layout: OutputLayout, slide_id: str, slide: Slide, res: TileResult,
                        params: TileParams) -> None:
     from .viz import save_tiling_overlay
 
     # the coords file is the "done" marker, so it is written last
-    save_tiling_overlay(out / "thumbnails" / f"{slide_id}.png", res)
-    h5io.write_coords_file(coords_path(out, slide_id), res.coords, res.tissue_fraction,
+    save_tiling_overlay(layout.thumbnail(slide_id), res)
+    h5io.write_coords_file(layout.coords(slide_id), res.coords, res.tissue_fraction,
                            res.attrs, coords_root_attrs(slide, params, slide.mpp_source))
 
 
-def coords_path(out: Path, slide_id: str) -> Path:
-    return out / "coords" / f"{slide_id}.h5"
+TILE_COLUMNS = ["slide_id", "path", "status", "n_patches", "tissue_area_mm2", "level0_mpp",
+                "read_level", "seconds", "error", "warning"]
 
 
-def report_row(job: SlideJob, status: str, t0: float, **kw) -> dict:
-    row = {"slide_id": job.slide_id, "path": str(job.path), "status": status,
-           "n_patches": "", "tissue_area_mm2": "", "level0_mpp": "", "read_level": "",
-           "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": ""}
-    row.update(kw)
-    return row
+def tile_row(job: SlideJob, status: str, t0: float, **kw) -> dict:
+    return {"slide_id": job.slide_id, "path": str(job.path), "status": status,
+            "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": "", **kw}
 
 
 @dataclass(frozen=True)
@@ -211,6 +203,10 @@ class TileConfig:
     tissue_mask: Path | None = None  # a file (one slide) or a folder of <slide_id>.png/.geojson
     overwrite: bool = False
 
+    @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.out)
+
     def mask_for(self, slide_id: str) -> Path | None:
         if self.tissue_mask is None or self.tissue_mask.is_file():
             return self.tissue_mask
@@ -222,54 +218,38 @@ class TileConfig:
                          "(expected <slide_id>.geojson or .png)")
 
 
-def existing_output_status(path: Path, schema: str, expect: dict, overwrite: bool,
-                           slide_id: str) -> str | None:
-    """"skipped" when a finished output made with the same settings exists; None when the
-    slide must be (re)done; raises SlideError when an output made otherwise would be lost."""
-    if overwrite:
-        return None
-    why = h5io.check_output(path, schema, expect)
-    if why is None:
-        return "skipped"
-    if why.startswith("made with"):
-        raise SlideError(f"{path} exists but was {why}; pass --overwrite to redo it or choose "
-                         "another --out")
-    if why != "missing":
-        log.warning("%s: existing %s is not usable (%s); redoing it", slide_id, path.name, why)
-    return None
-
-
 def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
     """Tile one slide into cfg.out; every error becomes a failed report row."""
     t0 = time.perf_counter()
     try:
-        status = existing_output_status(coords_path(cfg.out, job.slide_id), h5io.COORDS_SCHEMA,
-                                        cfg.params.root_attrs(), cfg.overwrite, job.slide_id)
+        status = h5io.resume_status(cfg.layout.coords(job.slide_id), h5io.COORDS_SCHEMA,
+                                    cfg.params.root_attrs(), cfg.overwrite)
         if status:
-            return report_row(job, status, t0)
+            return tile_row(job, status, t0)
         with open_slide(job.path) as slide:
             resolve_mpp(slide, job, cfg.slide_mpp)
             res = tile_open_slide(slide, job.slide_id, cfg.params, cfg.mask_for(job.slide_id))
-            write_tile_outputs(cfg.out, job.slide_id, slide, res, cfg.params)
+            write_tile_outputs(cfg.layout, job.slide_id, slide, res, cfg.params)
         warning = res.mask.warning
         if len(res.coords) == 0:
             warning = (warning + "; " if warning else "") + "no tissue patches: empty coords file"
-        return report_row(job, "ok", t0, n_patches=len(res.coords),
-                          tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
-                          level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
-                          warning=warning)
+        return tile_row(job, "ok", t0, n_patches=len(res.coords),
+                        tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
+                        level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
+                        warning=warning)
     except (SlideError, OSError, ValueError) as e:
-        return report_row(job, "failed", t0, error=one_line(e))
+        return tile_row(job, "failed", t0, error=one_line(e))
     except Exception as e:  # a batch must outlive any single slide's surprise
         log.debug("unexpected error on %s", job.slide_id, exc_info=True)
-        return report_row(job, "failed", t0, error=describe_error(e))
+        return tile_row(job, "failed", t0, error=describe_error(e))
 
 
-def one_line(e: BaseException) -> str:
-    """An error's message on one line, for a report's CSV cell."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def describe_error(e: BaseException) -> str:
-    """An unexpected error for a report: its type and its one-line message."""
-    return f"{type(e).__name__}: {one_line(e)}"
+def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int) -> RunReport:
+    """Tile `jobs` into cfg.out (coords, thumbnails, tile_report.csv): the `tile` command's
+    work, also run by `extract` for slides that have no coords yet."""
+    layout = cfg.layout
+    for folder in (layout.coords_dir, layout.thumbnails_dir):
+        h5io.remove_stale_tmp(folder)
+    with RunReport(layout.tile_report, TILE_COLUMNS, "tile") as report:
+        run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers)
+    return report

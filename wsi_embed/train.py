@@ -25,20 +25,17 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .bags import BagStore, FeatureSet, feature_stats
-from .batch import progress_bar
 from .devices import pick_device
+from .errors import TrainError
 from .h5io import atomic_file
 from .heads import HEADS
+from .report import progress_bar
 from .slide_model import ModelSpec, SlideModel, predict_bag, save_model
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test"}
-
-
-class TrainError(Exception):
-    """Bad training input; the message names the file or option and the fix."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from .h5io import atomic_file
+from .layout import OutputLayout
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,9 @@ def write_geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
-def slide_figures(out: Path, sid: str, slide_path: Path, coords: np.ndarray, coords_attrs: dict,
-                  attn, patch_probs, probs: np.ndarray, classes: list[str], top_k: int
-                  ) -> str | None:
+def slide_figures(layout: OutputLayout, sid: str, slide_path: Path, coords: np.ndarray,
+                  coords_attrs: dict, attn, patch_probs, probs: np.ndarray, classes: list[str],
+                  top_k: int) -> str | None:
     """Heatmap PNG, top/bottom-k patch grid and GeoJSON for one slide; returns a warning
     instead of raising when the slide cannot be read (the prediction still stands)."""
     from .slides import SlideError, open_slide, read_thumbnail
@@ -144,7 +145,7 @@ def slide_figures(out: Path, sid: str, slide_path: Path, coords: np.ndarray, coo
     measurements = {what.replace(" ", "_"): score, "rank": rank_normalise(score)}
     if patch_probs is not None:
         measurements |= {f"prob_{c}": patch_probs[:, i] for i, c in enumerate(classes)}
-    write_geojson(out / "geojson" / f"{sid}.geojson", coords, size0, measurements, sid)
+    write_geojson(layout.classify_output("geojson", sid), coords, size0, measurements, sid)
     try:
         with open_slide(slide_path) as slide:
             d = max(1.0, max(slide.width, slide.height) / HEATMAP_MAX_SIDE)
@@ -153,12 +154,12 @@ def slide_figures(out: Path, sid: str, slide_path: Path, coords: np.ndarray, coo
                       f"colour = {what} rank"]
             legend.append("  ".join(f"{c}: {p:.3f}" for c, p in zip(classes, probs,
                                                                       strict=True)))
-            write_png(out / "heatmaps" / f"{sid}.png",
+            write_png(layout.classify_output("heatmaps", sid),
                       heatmap(read_thumbnail(slide, d), d, coords, size0,
                               rank_normalise(score), legend))
             order = np.argsort(-score, kind="stable")
             k = min(top_k, len(order))
-            write_png(out / "patches" / f"{sid}.png",
+            write_png(layout.classify_output("patches", sid),
                       patch_grid(slide, coords, size0,
                                  [(f"top {k} by {what}", order[:k]),
                                   (f"bottom {k} by {what}", order[::-1][:k])]))

@@ -18,8 +18,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .encoders import Encoder, EncoderConfig
-from .gpu_decode import on_main_stream
+from ..encoders import Encoder, EncoderConfig
+from .sources import DeviceChunk, HostChunk, ReaderPool
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,12 @@ class BatchFeeder:
     """Packs finished read chunks into one preprocessed batch on the device.
 
     `pool` holds the shared-memory `slots` and takes back what a chunk held (`release`).
-    Chunks are (state, row0, n, got) with `got` a slot index, or (patches, event) decoded on
-    the device. On CUDA the copies and the preprocessing run on the feed stream and a slot
-    is released once the copy out of it has passed (on CPU: at once)."""
+    Chunks are (owner, row0, n, chunk) with `chunk` a `HostChunk` (patches in a slot) or a
+    `DeviceChunk` (decoded on the device). On CUDA the copies and the preprocessing run on
+    the feed stream and a slot is released once the copy out of it has passed (on CPU: at
+    once)."""
 
-    def __init__(self, pool, runner: DeviceRunner, batch: int, max_held: int = 2):
+    def __init__(self, pool: ReaderPool, runner: DeviceRunner, batch: int, max_held: int = 2):
         self.pool, self.runner, self.max_held = pool, runner, max_held
         self.device = runner.device
         self.cuda = self.device.type == "cuda"
@@ -126,28 +127,28 @@ class BatchFeeder:
         self.buf = torch.empty((batch, p, p, c), dtype=torch.uint8, device=self.device)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pinned = self.cuda and pin_host(pool.slots)
-        self.held: deque[tuple[torch.cuda.Event | _Copied, list[int]]] = deque()
+        self.held: deque[tuple[torch.cuda.Event | _Copied, list[HostChunk]]] = deque()
 
     @torch.inference_mode()
-    def __call__(self, chunks) -> tuple[torch.Tensor, list[tuple]]:
-        """(preprocessed batch on the device, each chunk's (state, row0, n, offset))."""
+    def __call__(self, chunks: list[tuple[object, int, int, HostChunk | DeviceChunk]]
+                 ) -> tuple[torch.Tensor, list[tuple]]:
+        """(preprocessed batch on the device, each chunk's (owner, row0, n, offset))."""
         self.reap()
-        segments, slots, off = [], [], 0
+        segments, held, off = [], [], 0
         with torch.cuda.stream(self.stream) if self.cuda else nullcontext():
-            for st, row0, n, got in chunks:
-                if isinstance(got, int):
-                    self.buf[off : off + n].copy_(self.pool.slots[got, :n], non_blocking=True)
-                    slots.append(got)
+            for owner, row0, n, chunk in chunks:
+                chunk.copy_to(self.buf[off : off + n], self.pool.slots)
+                if chunk.held_until_copied:
+                    held.append(chunk)
                 else:
-                    self.buf[off : off + n].copy_(on_main_stream(*got))
-                    self.pool.release(got)
-                segments.append((st, row0, n, off))
+                    self.pool.release(chunk)
+                segments.append((owner, row0, n, off))
                 off += n
             copied = _COPIED
             if self.cuda:
                 copied = torch.cuda.Event()
                 copied.record(self.stream)
-            self.held.append((copied, slots))
+            self.held.append((copied, held))
             x = self.runner.preprocess(self.buf[:off])
         if self.cuda:
             main = torch.cuda.current_stream(self.device)
@@ -157,16 +158,16 @@ class BatchFeeder:
         return x, segments
 
     def held_slots(self) -> int:
-        return sum(len(slots) for _, slots in self.held)
+        return sum(len(chunks) for _, chunks in self.held)
 
     def reap(self) -> None:
         """Give back the slots whose copies are done; wait for the oldest when more than
         `max_held` batches' slots are held, so the readers always have slots to fill."""
         while self.held and (len(self.held) > self.max_held or self.held[0][0].query()):
-            event, slots = self.held.popleft()
+            event, chunks = self.held.popleft()
             event.synchronize()
-            for s in slots:
-                self.pool.release(s)
+            for c in chunks:
+                self.pool.release(c)
 
     def close(self) -> None:
         """Wait for the copies in flight: the slots' memory must outlive them."""

@@ -16,11 +16,13 @@ tifffile's decoder before the GPU path is trusted with it.
 
 Opt-in (`--decode gpu`): on the H100 with 16 cores the CPU reader processes decoded twice as
 fast and left the GPU to the encoder, so `auto` uses them (docs/BENCHMARKS.md).
+
+A batch that nvJPEG refuses is decoded again tile by tile to name the tile at fault: the
+slide fails with its level, tile index and byte offset, as with the CPU decoders.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import warnings
@@ -30,52 +32,56 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import tifffile
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from .fast_reader import SUBPIXEL, TiffTileReader, TileGrid
-from .tiling import describe_error
+from ...errors import TileDecodeError, describe_error
+from .spec import Decode, DeviceChunk, ReadResult, ReadTask
+from .tiff_tiles import JPEG, SUBPIXEL, YCBCR_PHOTOMETRIC, TiffTileReader, TileFile, TileGrid
 
-# torchvision ≥ 0.29 warns that its image codecs will move to torchcodec; they still work
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
-                        category=DeprecationWarning)
-
-DECODES = ("auto", "cpu", "gpu")
-JPEG = 7
-YCBCR = 6
 #: mean absolute difference (grey levels) from tifffile above which a slide's GPU decode is
 #: not trusted. A colour-space mix-up gives ≈ 49 (CMU-1); nvJPEG's chroma upsampling alone
 #: differs from libjpeg-turbo's by 0.1 on smooth tissue and 4.5 on pixel-scale colour texture
 CANARY_MAD = 8.0
 
 
-def gpu_unsupported(page: tifffile.TiffPage) -> str | None:
+def gpu_unsupported(reader: TiffTileReader) -> str | None:
     """Why the GPU decoder cannot take this page, or None when it can."""
-    if page.compression != JPEG:
-        return f"TIFF compression {int(page.compression)} decodes on CPU"
-    if page.photometric != YCBCR:
+    if reader.compression != JPEG:
+        return f"TIFF compression {reader.compression} decodes on CPU"
+    if reader.grid.photometric != YCBCR_PHOTOMETRIC:
         return "RGB-photometric JPEG decodes on CPU (nvJPEG would convert its colours)"
     return None
 
 
-class TileSource:
-    """Complete JPEG streams of one page's tiles (the shared JPEGTables spliced in), read
-    with pread so no file position is shared."""
+def _decode_jpeg(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched decode; its codecs still work but warn (≥ 0.29) that they will
+    move to torchcodec: that warning is silenced here only."""
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    def __init__(self, path: str, grid: TileGrid):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding "
+                                "capabilities", category=DeprecationWarning)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(streams, mode=ImageReadMode.RGB)
+
+
+class TileSource:
+    """Complete JPEG streams of one page's tiles (the shared JPEGTables spliced in), each
+    checked to be all there; as stored (nvJPEG ignores colour-space markers, so RGB pages
+    never come here: the canary shows what it would make of one)."""
+
+    def __init__(self, path: str, grid: TileGrid, level: int = 0):
         self.grid = grid
-        self.fd = os.open(path, os.O_RDONLY)
+        self.file = TileFile(path, grid, level)
 
     def stream(self, i: int) -> torch.Tensor:
-        pg = self.grid
-        b = os.pread(self.fd, int(pg.counts[i]), int(pg.offsets[i]))
-        if pg.tables:  # abbreviated stream: tables (without EOI) + tile (without SOI)
-            b = pg.tables[:-2] + b[2:]
-        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        stream = self.grid.jpeg_stream(self.file.raw(i), mark_rgb=False)
+        return torch.frombuffer(bytearray(stream), dtype=torch.uint8)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.file.close()
 
 
 @dataclass
@@ -183,12 +189,12 @@ class JpegTileDecoder:
         self.decoded = 0  # tiles decoded so far
         self._white: dict[tuple[int, int], torch.Tensor] = {}  # glass, per tile shape
 
-    def _source(self, path: str, page: int) -> TileSource:
+    def _source(self, path: str, page: int, level: int) -> TileSource:
         key = (path, page)
         if key in self._sources:
             self._sources.move_to_end(key)
             return self._sources[key]
-        src = self._sources[key] = TileSource(path, TileGrid.read(path, page))
+        src = self._sources[key] = TileSource(path, TileGrid.read(path, page), level)
         while len(self._sources) > self.max_open:
             old_key, old = self._sources.popitem(last=False)
             old.close()
@@ -200,18 +206,34 @@ class JpegTileDecoder:
         """Tiles as (th, tw, 3) uint8 on the device, one batched call."""
         if not streams:
             return []
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                imgs = decode_jpeg(streams, mode=ImageReadMode.RGB, device=self.device)
-        else:
-            imgs = decode_jpeg(streams, mode=ImageReadMode.RGB)
+        imgs = _decode_jpeg(streams, self.device)
         self.decoded += len(imgs)
         return [im.permute(1, 2, 0).contiguous() for im in imgs]
 
+    def decode_tiles(self, src: TileSource, tiles: list[int]) -> list[torch.Tensor]:
+        """Tiles `tiles` of `src`, one batched call; when the decoder refuses the batch, the
+        tiles one by one, to fail with the tile at fault."""
+        streams = [src.stream(t) for t in tiles]
+        try:
+            imgs = self.decode(streams)
+        except RuntimeError:
+            for t, s in zip(tiles, streams, strict=True):
+                try:
+                    self.decode([s])
+                except RuntimeError as e:
+                    raise TileDecodeError(f"{src.file.where(t)}: "
+                                          f"{' '.join(str(e).split())[:300]}") from None
+            raise
+        for t, img in zip(tiles, imgs, strict=True):
+            if img.shape != (src.grid.th, src.grid.tw, 3):
+                raise TileDecodeError(f"{src.file.where(t)}: decodes to {tuple(img.shape)}, "
+                                      f"expected {(src.grid.th, src.grid.tw, 3)}")
+        return imgs
+
     def read(self, path: str, page: int, coords: np.ndarray, downsample: float,
-             read_size: int, patch_size: int) -> torch.Tensor:
+             read_size: int, patch_size: int, level: int = 0) -> torch.Tensor:
         """Patches (n, P, P, 3) uint8 on the device; top-lefts `coords` in level-0 px."""
-        src = self._source(path, page)
+        src = self._source(path, page, level)
         pg = src.grid
         plan = plan_tiles(pg, np.asarray(coords), downsample, read_size)
         have: dict[int, torch.Tensor] = {}
@@ -223,10 +245,7 @@ class JpegTileDecoder:
             else:
                 self._cache.move_to_end((path, page, t))
                 have[t] = hit
-        for t, img in zip(missing, self.decode([src.stream(t) for t in missing]), strict=True):
-            if img.shape != (pg.th, pg.tw, 3):
-                raise ValueError(f"tile {t} decodes to {tuple(img.shape)}, expected "
-                                 f"{(pg.th, pg.tw, 3)}")
+        for t, img in zip(missing, self.decode_tiles(src, missing), strict=True):
             have[t] = img
             self._cache[(path, page, t)] = img
         while len(self._cache) > self.cache_tiles:
@@ -249,10 +268,9 @@ def canary(ref: TiffTileReader, device: torch.device) -> str | None:
     """Decode the page's first written tile on `device` and with tifffile; None when they
     agree, else why this slide must decode on CPU (a mislabelled colour space, a decoder
     error)."""
-    written = np.flatnonzero(ref.grid.counts)
-    if not len(written):
+    i = ref.first_written_tile()
+    if i is None:
         return None
-    i = int(written[0])
     src = TileSource(str(ref.path), ref.grid)
     dec = JpegTileDecoder(device)
     try:
@@ -268,16 +286,17 @@ def canary(ref: TiffTileReader, device: torch.device) -> str | None:
         dec.close()
 
 
-def choose_decode(path: str, page: int, decode: str, device: torch.device) -> tuple[bool, str]:
+def choose_decode(path: str, page: int, decode: Decode, device: torch.device
+                  ) -> tuple[bool, str]:
     """(decode on the device?, why) for a slide the fast reader takes. `auto` is the CPU
     workers: on the H100 with 16 cores they delivered 24.8k patches/s against 12.0k for
     batched nvJPEG, and left the GPU to the encoder (docs/BENCHMARKS.md). `gpu` decodes on the
     device (on a CPU device: the same batched code, for tests), falling back to the workers
     for a page nvJPEG cannot read or gets wrong."""
-    if decode != "gpu":
+    if decode != Decode.GPU:
         return False, "CPU decode"
     with TiffTileReader(path, page) as ref:
-        why = gpu_unsupported(ref.page) or canary(ref, device)
+        why = gpu_unsupported(ref) or canary(ref, device)
     if why:
         return False, why
     return True, f"batched decode on {device}"
@@ -285,10 +304,10 @@ def choose_decode(path: str, page: int, decode: str, device: torch.device) -> tu
 
 class DecodeThread(threading.Thread):
     """Runs the JpegTileDecoder beside the encoder: it decodes on its own CUDA stream while
-    the main thread launches the model, and hands back (task_id, (patches, event), error).
+    the main thread launches the model, and hands back a `ReadResult` with a `DeviceChunk`.
     At most `ahead` decoded batches wait on the device: each is `release`d once consumed."""
 
-    def __init__(self, device: torch.device, results: queue.Queue, ahead: int = 3):
+    def __init__(self, device: torch.device, results: queue.Queue[ReadResult], ahead: int = 3):
         super().__init__(daemon=True)
         self.device, self.results = device, results
         self.tasks: queue.Queue = queue.Queue()
@@ -305,19 +324,22 @@ class DecodeThread(threading.Thread):
         with torch.cuda.stream(stream) if cuda else nullcontext(), torch.inference_mode():
             while (task := self.tasks.get()) is not None:
                 self.room.acquire()
-                try:
-                    out = self.decoder.read(task.path, task.page, task.coords,
-                                            task.downsample, task.read_size, task.patch_size)
-                    event = None
-                    if cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    self.results.put((task.task_id, (out, event), None))
-                except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
-                    msg = f"GPU decode: {describe_error(e)}"
-                    self.room.release()  # nothing is held for a failed batch
-                    self.results.put((task.task_id, None, msg))
+                self.results.put(self._read(task, stream))
         self.decoder.close()
+
+    def _read(self, task: ReadTask, stream) -> ReadResult:
+        sp = task.spec
+        try:
+            out = self.decoder.read(sp.path, sp.page, task.coords, sp.downsample, sp.read_size,
+                                    sp.patch_size, sp.level)
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+            return ReadResult(task.task_id, DeviceChunk(out, event))
+        except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
+            self.room.release()  # nothing is held for a failed batch
+            return ReadResult(task.task_id, None, f"GPU decode: {describe_error(e)}")
 
     def stop(self) -> None:
         self.tasks.put(None)

@@ -18,90 +18,31 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import cv2
-import numpy as np
 import torch
 
-from .fast_reader import TiffTileReader
-from .gpu_decode import DecodeThread
-from .slides import Slide, open_slide
-from .tiling import describe_error
+from ...errors import describe_error
+from .device_jpeg import DecodeThread
+from .host import SourceCache
+from .spec import DeviceChunk, HostChunk, ReadResult, ReadTask
 
 log = logging.getLogger(__name__)
 
-READY = (-1, None, None)
+READY = ReadResult(-1, None)
 CHECK_EVERY = 5.0  # seconds between checks that every reader is alive
 MAX_DEATHS = 2  # reader deaths while reading one slide before that slide fails
 
 
-@dataclass(frozen=True)
-class ReadTask:
-    task_id: int
-    path: str
-    level: int
-    read_size: int
-    patch_size: int
-    coords: np.ndarray  # (n, 2) level-0
-    row0: int
-    page: int = -1  # ≥ 0: read raw tiles of this TIFF page (fast reader); else OpenSlide
-    downsample: float = 1.0  # of `level`, for the fast reader's level-0 → level mapping
-    gpu: bool = False  # decode the page's JPEG tiles in batches on the device
-
-
-class PatchReader:
-    """Reads patches at a level (OpenSlide, or raw TIFF tiles) and resizes them to
-    patch_size; keeps a few slides open."""
-
-    def __init__(self, max_open: int = 4):
-        self._open: OrderedDict[tuple, Slide | TiffTileReader] = OrderedDict()
-        self.max_open = max_open
-
-    def _handle(self, t: ReadTask) -> Slide | TiffTileReader:
-        key = (t.path, t.page)
-        if key in self._open:
-            self._open.move_to_end(key)
-            return self._open[key]
-        h = TiffTileReader(t.path, t.page) if t.page >= 0 else open_slide(t.path)
-        self._open[key] = h
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)[1].close()
-        return h
-
-    def read_into(self, t: ReadTask, out: np.ndarray) -> None:
-        """Patches of `t` into `out` (n, P, P, 3); the fast reader and the resize write
-        straight into it."""
-        h = self._handle(t)
-        native = t.read_size == t.patch_size
-        for i, (x, y) in enumerate(t.coords):
-            if t.page >= 0:
-                region = h.read_level0(int(x), int(y), t.downsample, t.read_size,
-                                       t.read_size, out[i] if native else None)
-            else:
-                region = h.read_region(int(x), int(y), t.level, t.read_size, t.read_size)
-            if not native:
-                cv2.resize(region, (t.patch_size, t.patch_size), dst=out[i],
-                           interpolation=cv2.INTER_AREA)
-            elif t.page < 0:
-                out[i] = region
-
-    def close(self) -> None:
-        for s in self._open.values():
-            s.close()
-        self._open.clear()
-
-
-def read_result(reader: PatchReader, task: ReadTask, slots: torch.Tensor, slot: int
-                ) -> tuple[int, int | None, str | None]:
-    """Fill `slot` with `task`'s patches: (task id, slot, None), or (task id, None, why) with
-    the slot left for the caller to free."""
+def read_result(sources: SourceCache, task: ReadTask, slots: torch.Tensor, slot: int
+                ) -> ReadResult:
+    """Fill `slot` with `task`'s patches: a result holding the slot, or one saying why not
+    (the slot left for the caller to free)."""
     try:
-        reader.read_into(task, slots[slot].numpy())
-        return task.task_id, slot, None
+        sources.read_into(task, slots[slot].numpy())
+        return ReadResult(task.task_id, HostChunk(slot))
     except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
-        return task.task_id, None, describe_error(e)[:1000]
+        return ReadResult(task.task_id, None, describe_error(e)[:1000])
 
 
 def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
@@ -110,7 +51,7 @@ def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
     holds (task id, slot) while it works on them, for the pool to know if it dies."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    reader = PatchReader()
+    sources = SourceCache()
     claim = claims[index].numpy()
     done_q.put(READY)
     while True:
@@ -120,29 +61,29 @@ def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
         claim[:] = (task.task_id, -1)
         slot = free_q.get()
         claim[1] = slot
-        result = read_result(reader, task, slots, slot)
-        if result[1] is None:
+        result = read_result(sources, task, slots, slot)
+        if result.chunk is None:
             free_q.put(slot)
         done_q.put(result)
         claim[:] = -1
-    reader.close()
+    sources.close()
 
 
 class ReaderPool:
     """Persistent reader processes sharing a ring of shared-memory slots (or, with
     num_workers == 0, reads in the calling thread for tests and debugging), plus, for tasks
-    marked `gpu`, a thread decoding JPEG tiles in batches on `device`. Results of both come
-    back through one queue as (task_id, slot | (patches, event) | None, error | None)."""
+    whose source decodes on the device, a thread decoding JPEG tiles in batches on `device`.
+    Results of both come back through one queue as `ReadResult`s."""
 
     def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int,
                  device: torch.device | None = None):
         self.num_workers, self.device = num_workers, device
         self.slots = torch.empty((n_slots, chunk, patch_size, patch_size, 3), dtype=torch.uint8)
-        self.results: queue.Queue = queue.Queue()
+        self.results: queue.Queue[ReadResult] = queue.Queue()
         self.procs: list = []
         self.decoder: DecodeThread | None = None
         if num_workers == 0:
-            self.reader = PatchReader()
+            self.sources = SourceCache()
             self.free = list(range(n_slots))
             return
         self._ctx = torch.multiprocessing.get_context("spawn")
@@ -189,13 +130,12 @@ class ReaderPool:
                 continue
             self._deliver(item)
 
-    def _deliver(self, item: tuple) -> None:
-        task_id, slot, _ = item
+    def _deliver(self, item: ReadResult) -> None:
         with self._lock:
-            if self._pending.pop(task_id, None) is None:
+            if self._pending.pop(item.task_id, None) is None:
                 return  # failed already, when its reader died
-            if slot is not None:
-                self._out.add(slot)
+            if item.chunk is not None:
+                self._out.add(item.chunk.slot)
         self.results.put(item)
 
     def _kill(self) -> None:
@@ -220,11 +160,11 @@ class ReaderPool:
             except queue.Empty:
                 break
         with self._lock:
-            slides = {self._pending[t].path for t in culprits & self._pending.keys()}
+            slides = {self._pending[t].spec.path for t in culprits & self._pending.keys()}
             for path in slides:
                 self._deaths[path] = self._deaths.get(path, 0) + 1
             bad = {p for p in slides if self._deaths[p] >= MAX_DEATHS}
-            failed = sorted(t for t, task in self._pending.items() if task.path in bad)
+            failed = sorted(t for t, task in self._pending.items() if task.spec.path in bad)
             for t in failed:
                 del self._pending[t]
             again = [self._pending[t] for t in sorted(self._pending)]
@@ -236,9 +176,10 @@ class ReaderPool:
                     f"{MAX_DEATHS} times" if bad else "")
         self._start(free)
         for t in failed:
-            self.results.put((t, None, f"a reader process died {MAX_DEATHS} times ({codes}) "
-                                       "while reading this slide: a crash in the slide's "
-                                       "decoder, or the system ran out of memory"))
+            self.results.put(ReadResult(t, None, f"a reader process died {MAX_DEATHS} times "
+                                                 f"({codes}) while reading this slide: a crash "
+                                                 "in the slide's decoder, or the system ran "
+                                                 "out of memory"))
         for task in again:
             self.task_q.put(task)
 
@@ -251,16 +192,21 @@ class ReaderPool:
             self._restart(dead)
 
     # -- the caller's side ---------------------------------------------------------------
+    def can_submit(self) -> bool:
+        """Whether a task may be submitted now. Inline reads fill a slot at once, so they
+        wait for a free one; reader processes wait for slots themselves."""
+        return self.num_workers > 0 or bool(self.free)
+
     def submit(self, task: ReadTask) -> None:
-        if task.gpu:
+        if task.spec.on_device:
             if self.decoder is None:
                 self.decoder = DecodeThread(self.device or torch.device("cpu"), self.results)
                 self.decoder.start()
             self.decoder.tasks.put(task)
         elif self.num_workers == 0:
             slot = self.free.pop()
-            result = read_result(self.reader, task, self.slots, slot)
-            if result[1] is None:
+            result = read_result(self.sources, task, self.slots, slot)
+            if result.chunk is None:
                 self.free.append(slot)
             self.results.put(result)
         else:
@@ -268,7 +214,7 @@ class ReaderPool:
                 self._pending[task.task_id] = task
             self.task_q.put(task)
 
-    def get(self, timeout: float = 600.0) -> tuple[int, int | tuple | None, str | None]:
+    def get(self, timeout: float = 600.0) -> ReadResult:
         while True:
             if self.procs:
                 self._check_readers()
@@ -281,22 +227,22 @@ class ReaderPool:
                 if timeout <= 0:
                     raise RuntimeError("reader processes stalled for 10 minutes") from None
 
-    def release(self, got: int | tuple) -> None:
-        """Give back what a result held: a shared-memory slot, or room on the device."""
-        if isinstance(got, tuple):
+    def release(self, chunk: HostChunk | DeviceChunk) -> None:
+        """Give back what a chunk held: a shared-memory slot, or room on the device."""
+        if isinstance(chunk, DeviceChunk):
             self.decoder.release()
         elif self.num_workers == 0:
-            self.free.append(got)
+            self.free.append(chunk.slot)
         else:
             with self._lock:
-                self._out.discard(got)
-            self.free_q.put(got)
+                self._out.discard(chunk.slot)
+            self.free_q.put(chunk.slot)
 
     def close(self) -> None:
         if self.decoder is not None:
             self.decoder.stop()
         if self.num_workers == 0:
-            self.reader.close()
+            self.sources.close()
             return
         for _ in self.procs:
             self.task_q.put(None)

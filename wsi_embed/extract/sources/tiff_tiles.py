@@ -2,14 +2,23 @@
 
 For Aperio SVS and generic tiled TIFF slides, the level OpenSlide reads is a plain tiled TIFF
 page: tifffile gives its tile offsets, byte counts and shared JPEG tables. Each needed tile is
-read and decoded once (tifffile's decoder: JPEG with the JPEGTables spliced in, in YCbCr or
-RGB photometric alike, JPEG 2000, LZW, Deflate, raw) and patches are cut and stitched across
-tile borders. Anything else (NDPI, MIRAX, DICOM, ...) stays with OpenSlide.
+read and decoded once and patches are cut and stitched across tile borders.
+
+Decoding is as strict as OpenSlide's: a damaged tile must fail its slide, never pass as grey
+or garbage tissue. tifffile's JPEG decoder (and torchvision's) accept most corrupt streams
+silently, so JPEG tiles are decoded by libjpeg-turbo through simplejpeg, which raises on every
+libjpeg warning ("Corrupt JPEG data: premature end of data segment", as OpenSlide does).
+RGB-photometric JPEG (Aperio's "JPEG/RGB") carries no colour-space marker, so an Adobe APP14
+marker saying "no transform" is spliced in: libjpeg then keeps the colours as stored. Other
+compressions (JPEG 2000, LZW, Deflate, raw) decode with tifffile; a short read or a tile of
+the wrong size fails too. A tile with no bytes was never written (glass): white, as OpenSlide
+reads it transparent.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +27,20 @@ import cv2
 import numpy as np
 import tifffile
 
-from .slides import Slide
+from ...errors import TileDecodeError
+from ...slides import Slide
 
-READERS = ("auto", "fast", "openslide")
 #: OpenSlide vendors whose pyramid levels are plain tiled TIFF pages
 FAST_VENDORS = {"aperio", "generic-tiff"}
-#: TIFF compressions tifffile decodes here: none, LZW, JPEG, Deflate, Aperio JPEG 2000
+#: TIFF compressions read here: none, LZW, JPEG, Deflate, Aperio JPEG 2000
 FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 33003, 33005, 34712}
-
-
-@dataclass(frozen=True)
-class ReaderChoice:
-    kind: str  # "fast" or "openslide"
-    reason: str  # why, for the report
-    page: int = -1  # the TIFF page of the level, for "fast"
+JPEG = 7
+RGB_PHOTOMETRIC = 2
+YCBCR_PHOTOMETRIC = 6
+#: APP14 "Adobe", version 100, no flags, transform 0: the components are RGB, not YCbCr
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+#: a level-0 corner closer than this (in the level's pixels) to a pixel is read unshifted
+SUBPIXEL = 1e-3
 
 
 def level_page(slide: Slide, level: int) -> int | str:
@@ -55,27 +64,10 @@ def level_page(slide: Slide, level: int) -> int | str:
     return f"level {level} is not a tiled TIFF page"
 
 
-def choose_reader(slide: Slide, level: int, mode: str) -> ReaderChoice:
-    """The reader for one slide. `fast` insists (an error when it cannot), `auto` falls back."""
-    if mode == "openslide":
-        return ReaderChoice("openslide", "--reader openslide")
-    page = level_page(slide, level)
-    if isinstance(page, int):
-        return ReaderChoice("fast", f"tiled TIFF page {page}", page)
-    if mode == "fast":
-        raise ValueError(f"--reader fast cannot read {slide.path.name}: {page}; use "
-                         "--reader auto to fall back to OpenSlide")
-    return ReaderChoice("openslide", page)
-
-
-#: a level-0 corner closer than this (in the level's pixels) to a pixel is read unshifted
-SUBPIXEL = 1e-3
-
-
 @dataclass
 class TileGrid:
     """Where one TIFF page's tiles lie in the file and how they tile the level; shared by
-    the CPU reader here and the device decoder (`gpu_decode`)."""
+    the CPU reader here and the device decoder."""
 
     offsets: np.ndarray
     counts: np.ndarray  # 0: a tile never written (glass), read as white
@@ -84,6 +76,7 @@ class TileGrid:
     height: int
     tw: int
     th: int
+    photometric: int = YCBCR_PHOTOMETRIC
 
     @classmethod
     def read(cls, path: str | Path, page: int) -> TileGrid:
@@ -94,7 +87,8 @@ class TileGrid:
     def of(cls, page: tifffile.TiffPage) -> TileGrid:
         return cls(np.asarray(page.dataoffsets, np.int64),
                    np.asarray(page.databytecounts, np.int64), page.jpegtables,
-                   page.imagewidth, page.imagelength, page.tilewidth, page.tilelength)
+                   page.imagewidth, page.imagelength, page.tilewidth, page.tilelength,
+                   int(page.photometric))
 
     @property
     def ntx(self) -> int:
@@ -104,16 +98,76 @@ class TileGrid:
     def nty(self) -> int:
         return -(-self.height // self.th)
 
+    def jpeg_stream(self, data: bytes, mark_rgb: bool = True) -> bytes:
+        """A complete JPEG stream of a tile: the shared tables spliced in (abbreviated
+        streams), and for RGB-photometric tiles (`mark_rgb`) the marker that keeps libjpeg
+        from converting them as YCbCr."""
+        if self.tables:  # tables (without EOI) + tile (without SOI)
+            data = self.tables[:-2] + data[2:]
+        if mark_rgb and self.photometric == RGB_PHOTOMETRIC:
+            data = data[:2] + ADOBE_RGB + data[2:]
+        return data
+
+
+class TileFile:
+    """Raw tile bytes of one page, read with pread (no shared file position), each checked
+    to be all there."""
+
+    def __init__(self, path: str | Path, grid: TileGrid, level: int):
+        self.path, self.grid, self.level = Path(path), grid, level
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def where(self, i: int) -> str:
+        return (f"{self.path}: level {self.level}, tile {i} (byte offset "
+                f"{int(self.grid.offsets[i])})")
+
+    def raw(self, i: int) -> bytes:
+        off, n = int(self.grid.offsets[i]), int(self.grid.counts[i])
+        data = os.pread(self.fd, n, off)
+        if len(data) < n:
+            raise TileDecodeError(f"{self.where(i)}: {n} bytes declared, the file ends after "
+                                  f"{max(0, self.size - off)} (truncated or damaged file)")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def decode_tile(file: TileFile, compression: int, tiff_decode, i: int) -> np.ndarray:
+    """Tile `i` as (th, tw, 3) uint8, or TileDecodeError when it does not decode cleanly.
+    `tiff_decode` is tifffile's decoder of the page, for compressions other than JPEG."""
+    import simplejpeg
+
+    g = file.grid
+    data = file.raw(i)
+    try:
+        if compression == JPEG:
+            t = simplejpeg.decode_jpeg(g.jpeg_stream(data), colorspace="RGB", strict=True)
+        else:
+            t = np.asarray(tiff_decode(data, i, jpegtables=g.tables)[0])
+            t = t.reshape(g.th, g.tw, -1)[..., :3]
+    except Exception as e:  # noqa: BLE001 - every decoder complaint fails the slide
+        raise TileDecodeError(f"{file.where(i)}: {' '.join(str(e).split())}") from None
+    if t.shape != (g.th, g.tw, 3):
+        raise TileDecodeError(f"{file.where(i)}: decodes to {t.shape[1]}x{t.shape[0]} px, "
+                              f"the TIFF says {g.tw}x{g.th}")
+    return t
+
 
 class TiffTileReader:
     """Reads RGB regions of one level of a tiled TIFF, decoding each tile at most once while
     it stays in a small LRU cache (a grid of patches reuses its tiles)."""
 
-    def __init__(self, path: str | Path, page: int, cache_tiles: int = 96):
+    def __init__(self, path: str | Path, page: int, level: int | None = None,
+                 cache_tiles: int = 96):
         self.path = Path(path)
-        self._tf = tifffile.TiffFile(path)
-        self.page = self._tf.pages[page]
-        self.grid = TileGrid.of(self.page)
+        with tifffile.TiffFile(path) as tf:
+            p = tf.pages[page]
+            self.compression = int(p.compression)
+            self.tiff_decode = p.decode  # built while the file is open (it reads tags)
+            self.grid = TileGrid.of(p)
+        self.file = TileFile(path, self.grid, page if level is None else level)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_tiles = cache_tiles
         self.decoded = 0  # tiles decoded so far (tests check tiles are not decoded twice)
@@ -128,11 +182,7 @@ class TiffTileReader:
         if g.counts[i] == 0:  # a tile never written: no scanned data, glass
             t = np.full((g.th, g.tw, 3), 255, np.uint8)
         else:
-            decode = self.page.decode  # first access reads from the file: before our seek
-            fh = self._tf.filehandle
-            fh.seek(int(g.offsets[i]))
-            seg = decode(fh.read(int(g.counts[i])), i, jpegtables=g.tables)[0]
-            t = np.asarray(seg).reshape(g.th, g.tw, -1)[..., :3]
+            t = decode_tile(self.file, self.compression, self.tiff_decode, i)
             self.decoded += 1
         self._cache[i] = t
         while len(self._cache) > self.cache_tiles:
@@ -175,11 +225,35 @@ class TiffTileReader:
         return cv2.warpAffine(big, m, (w, h), dst=out, flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
 
+    def first_written_tile(self) -> int | None:
+        written = np.flatnonzero(self.grid.counts)
+        return int(written[0]) if len(written) else None
+
     def close(self) -> None:
-        self._tf.close()
+        self.file.close()
 
     def __enter__(self) -> TiffTileReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def strict_decode_problem(reader: TiffTileReader) -> str | None:
+    """The strict JPEG decoder checked against tifffile's on the page's first written tile:
+    None when they agree (to 1 grey level), else why this slide must go to OpenSlide (a
+    JPEG whose colour space a marker in the file would override, a tile that fails)."""
+    i = reader.first_written_tile()
+    if i is None or reader.compression != JPEG:
+        return None
+    try:
+        ours = reader.tile(i)
+    except TileDecodeError as e:
+        return f"its first tile does not decode ({e})"
+    data = reader.file.raw(i)
+    ref = np.asarray(reader.tiff_decode(data, i, jpegtables=reader.grid.tables)[0])
+    ref = ref.reshape(ours.shape[0], ours.shape[1], -1)[..., :3]
+    mad = float(np.abs(ours.astype(np.int16) - ref.astype(np.int16)).mean())
+    if mad > 1.0:
+        return f"strict JPEG decode differs from tifffile by {mad:.1f} grey levels"
+    return None

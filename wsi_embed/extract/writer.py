@@ -1,0 +1,142 @@
+"""The writer thread of `extract`: moves features to the host and streams them into each
+slide's temporary features file at their row offsets, then renames the finished file into
+place and reports the slide. `SlideOutput` is the only mutable per-slide state."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import h5io
+from ..report import RunReport
+from .config import ExtractConfig
+from .plan import SlidePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SlideOutput:
+    """A slide between its first read and its report row."""
+
+    plan: SlidePlan
+    t0: float
+    remaining: int
+    file: h5io.FeaturesWriter | None = None
+    failed: str = ""
+    done: bool = False
+
+    def row(self, status: str, **kw) -> dict:
+        return slide_row(self.plan.job, status, self.t0, **kw)
+
+
+def slide_row(job, status: str, t0: float, **kw) -> dict:
+    """A report row of `extract` for one slide."""
+    return {"slide_id": job.slide_id, "path": str(job.path), "status": status,
+            "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": "", **kw}
+
+
+#: what travels on the writer's queue: ("feats", features on the device, segments),
+#: ("fail", output, error) or ("empty", output, None); None ends the thread
+Segment = tuple[SlideOutput, int, int, int]  # output, first row, rows, offset in the batch
+
+
+class FeatureWriter(threading.Thread):
+    """Streams features into each slide's temporary HDF5 and finalises it when complete."""
+
+    def __init__(self, cfg: ExtractConfig, dim: int, attrs: dict, report: RunReport,
+                 device: str = ""):
+        super().__init__(daemon=True)
+        self.cfg, self.dim, self.attrs, self.report, self.device = cfg, dim, attrs, report, device
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.outputs: list[SlideOutput] = []  # every slide begun, to clean up after an error
+        # for the steady rate after the first batch (its time includes warm-up)
+        self.patches = self.first_n = 0
+        self.first_at = self.last_at = 0.0
+
+    def begin(self, plan: SlidePlan, t0: float) -> SlideOutput:
+        out = SlideOutput(plan, t0, plan.n)
+        self.outputs.append(out)
+        return out
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                self._handle(*item)
+            except BaseException as e:  # surfaced to the main thread
+                self.error = e
+                return
+
+    def _handle(self, kind: str, payload, segments) -> None:
+        if kind == "fail":
+            self.fail(payload, segments)
+            return
+        if kind == "empty":
+            self._open(payload)
+            self._finish(payload)
+            return
+        feats = payload.float().cpu().numpy()
+        self._count(len(feats))
+        if not np.isfinite(feats).all():
+            for out, _, n, off in segments:  # fail records each slide once
+                if not np.isfinite(feats[off : off + n]).all():
+                    self.fail(out, "non-finite features (NaN/Inf): try --precision fp32")
+        for out, row0, n, off in segments:
+            if out.failed:
+                continue
+            if out.file is None:
+                self._open(out)
+            out.file.write(row0, feats[off : off + n])
+            out.remaining -= n
+            if out.remaining == 0:
+                self._finish(out)
+        self.report.advance(len(feats))
+
+    def _count(self, n: int) -> None:
+        self.last_at = time.perf_counter()
+        if not self.patches:
+            self.first_at, self.first_n = self.last_at, n
+        self.patches += n
+
+    def _open(self, out: SlideOutput) -> None:
+        p = out.plan
+        out.file = h5io.FeaturesWriter(
+            self.cfg.layout.features(self.cfg.encoder, p.job.slide_id), p.n, self.dim,
+            self.cfg.dtype.numpy_dtype, p.coords, p.coords_attrs, {**p.root_attrs, **self.attrs})
+
+    def _finish(self, out: SlideOutput) -> None:
+        out.file.commit()
+        out.done = True
+        secs = time.perf_counter() - out.t0
+        n = out.plan.n
+        self.report.add(out.row("ok", n_patches=n, reader=_reader(out), device=self.device,
+                                patches_per_s=round(n / secs, 1) if secs > 0 else "",
+                                warning=out.plan.warning))
+
+    def fail(self, out: SlideOutput, error: str) -> None:
+        if out.failed or out.done:
+            return
+        out.failed = error
+        if out.file is not None:
+            out.file.abort()
+        self.report.add(out.row("failed", error=error, reader=_reader(out)))
+
+    def abort_unfinished(self) -> None:
+        """After an error: no temporary file is left behind."""
+        for out in self.outputs:
+            if out.file is not None and not out.done:
+                out.file.abort()
+
+
+def _reader(out: SlideOutput) -> str:
+    src = out.plan.source
+    return src.describe() if src is not None else ""
