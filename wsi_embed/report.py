@@ -34,6 +34,12 @@ def progress_bar(total: int, desc: str, unit: str = "slide", leave: bool = True)
     return None
 
 
+def slide_row(job, status: str, t0: float, **kw) -> dict:
+    """A report row for one slide job (`batch.SlideJob`) begun at `t0` (perf_counter)."""
+    return {"slide_id": job.slide_id, "path": str(job.path), "status": status,
+            "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": "", **kw}
+
+
 class RunReport:
     """Rows, counts, logging and progress of one command's run over a batch of slides."""
 

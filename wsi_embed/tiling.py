@@ -14,7 +14,7 @@ from . import h5io
 from .batch import SlideJob, run_batch
 from .errors import SlideError, describe_error, one_line
 from .layout import OutputLayout
-from .report import RunReport
+from .report import RunReport, slide_row
 from .slides import PatchGeometry, Slide, open_slide, read_thumbnail
 from .tissue import (
     TissueMask,
@@ -188,11 +188,6 @@ TILE_COLUMNS = ["slide_id", "path", "status", "n_patches", "tissue_area_mm2", "l
                 "read_level", "seconds", "error", "warning"]
 
 
-def tile_row(job: SlideJob, status: str, t0: float, **kw) -> dict:
-    return {"slide_id": job.slide_id, "path": str(job.path), "status": status,
-            "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": "", **kw}
-
-
 @dataclass(frozen=True)
 class TileConfig:
     """Everything a tile worker needs (picklable: it crosses process boundaries)."""
@@ -225,7 +220,7 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
         status = h5io.resume_status(cfg.layout.coords(job.slide_id), h5io.COORDS_SCHEMA,
                                     cfg.params.root_attrs(), cfg.overwrite)
         if status:
-            return tile_row(job, status, t0)
+            return slide_row(job, status, t0)
         with open_slide(job.path) as slide:
             resolve_mpp(slide, job, cfg.slide_mpp)
             res = tile_open_slide(slide, job.slide_id, cfg.params, cfg.mask_for(job.slide_id))
@@ -233,15 +228,15 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
         warning = res.mask.warning
         if len(res.coords) == 0:
             warning = (warning + "; " if warning else "") + "no tissue patches: empty coords file"
-        return tile_row(job, "ok", t0, n_patches=len(res.coords),
-                        tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
-                        level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
-                        warning=warning)
+        return slide_row(job, "ok", t0, n_patches=len(res.coords),
+                         tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
+                         level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
+                         warning=warning)
     except (SlideError, OSError, ValueError) as e:
-        return tile_row(job, "failed", t0, error=one_line(e))
+        return slide_row(job, "failed", t0, error=one_line(e))
     except Exception as e:  # a batch must outlive any single slide's surprise
         log.debug("unexpected error on %s", job.slide_id, exc_info=True)
-        return tile_row(job, "failed", t0, error=describe_error(e))
+        return slide_row(job, "failed", t0, error=describe_error(e))
 
 
 def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int) -> RunReport:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from ..batch import SlideJob
 from ..errors import describe_error
-from ..report import RunReport
+from ..report import RunReport, slide_row
 from ..tiling import TileParams
 from .config import ExtractConfig
 from .device import BatchFeeder, DeviceRunner
 from .plan import plan_slide
 from .sources import ReaderPool, ReadTask
-from .writer import FeatureWriter, SlideOutput, slide_row
+from .writer import FeatureWriter, SlideOutput
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
 from ..errors import describe_error
 from ..layout import coords_in
-from ..report import RunReport
+from ..report import RunReport, slide_row
 from ..tiling import TileConfig, TileParams, tile_slides
 from .config import ExtractConfig, Precision
 from .device import DeviceRunner
 from .pipeline import pipeline
-from .writer import slide_row
 
 log = logging.getLogger(__name__)
 

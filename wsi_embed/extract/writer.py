@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import h5io
-from ..report import RunReport
+from ..report import RunReport, slide_row
 from .config import ExtractConfig
 from .plan import SlidePlan
 
@@ -33,12 +33,6 @@ class SlideOutput:
 
     def row(self, status: str, **kw) -> dict:
         return slide_row(self.plan.job, status, self.t0, **kw)
-
-
-def slide_row(job, status: str, t0: float, **kw) -> dict:
-    """A report row of `extract` for one slide."""
-    return {"slide_id": job.slide_id, "path": str(job.path), "status": status,
-            "seconds": round(time.perf_counter() - t0, 3), "error": "", "warning": "", **kw}
 
 
 #: what travels on the writer's queue: ("feats", features on the device, segments),
