@@ -18,6 +18,7 @@ b --slide "$work/s050.svs" --encoder kaiko_vitb16 --precision bf16 --decode cpu 
 b --slide "$work/s050.svs" --encoder uni_v1 --decode cpu --no-reading --copies 4
 } 2>&1 | tee "$out/bench1.log"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_device_side.py tests/test_gpu_decode.py \
+  tests/test_sources_conformance.py -k "device-jpeg or device_side or gpu_decode or row_i or batch_size" \
   "tests/test_extract.py::test_row_i_of_features_belongs_to_row_i_of_coords" \
   "tests/test_extract.py::test_features_do_not_depend_on_batch_size_or_worker_count" \
   2>&1 | tail -5 | tee "$out/tests.log"

@@ -43,13 +43,20 @@ def small_slide(path: Path, width: int = 2048, height: int = 1536, mpp: float = 
                 aperio: bool = True, seed: int = 0, tile: int = 256, blur: float = 0.0) -> Path:
     """A small noisy slide (tissue-like colour everywhere) for geometry and batch tests.
     With `blur` (px), colour varies over a few pixels as stained tissue does, at full
-    contrast: decoder comparisons then measure more than chroma upsampling of pure noise."""
+    contrast: decoder comparisons then measure more than chroma upsampling of pure noise.
+    Red rises from left to right and green from top to bottom (±20 grey levels), so
+    patches differ in their mean colour and a swapped or shifted patch shows."""
     rng = np.random.default_rng(seed)
     if blur:
         img = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        img = cv2.normalize(cv2.GaussianBlur(img, (0, 0), blur), None, 0, 255, cv2.NORM_MINMAX)
+        img = cv2.normalize(cv2.GaussianBlur(img, (0, 0), blur), None, 20, 235,
+                            cv2.NORM_MINMAX)
     else:
         img = rng.integers(120, 230, (height, width, 3), dtype=np.uint8)
+    ramp = np.zeros((height, width, 3), np.int16)
+    ramp[..., 0] = np.linspace(-20, 20, width, dtype=np.float32).round().astype(np.int16)
+    ramp[..., 1] = np.linspace(-20, 20, height, dtype=np.float32).round()[:, None]
+    img = (img + ramp).clip(0, 255).astype(np.uint8)
     return write_slide(path, width, height, mpp, array_tile_fn(img), tile=tile, aperio=aperio,
                        downsamples=(1, 4))
 
@@ -92,36 +99,6 @@ def dicom_series(folder: Path, factors: tuple[int, ...] = (1, 2), new_series: bo
         paths.append(folder / f"{ds.SOPInstanceUID}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     return paths
-
-
-def mad_vs_openslide(path: Path, level: int, read_patches, read: int = 256,
-                     patch: int = 256, n: int = 40, seed: int = 0, aligned: bool = False,
-                     ) -> tuple[float, float]:
-    """Mean absolute difference (grey levels), mean and worst patch, between a fast-path
-    reader and OpenSlide's `read_region` (+ cv2 area resize when read != patch), over random
-    patches, some overhanging the right and bottom edges. `read_patches(page, coords,
-    downsample)` reads the level-0 top-lefts `coords` from the level's TIFF page. `aligned`:
-    top-lefts on whole multiples of 8 level pixels where the downsample is whole."""
-    from wsi_embed.extract.sources.tiff_tiles import level_page
-    from wsi_embed.slides import open_slide
-
-    rng = np.random.default_rng(seed)
-    with open_slide(path) as s:
-        page = level_page(s, level)
-        assert isinstance(page, int), page
-        ds = s.level_downsamples[level]
-        step = int(ds) * 8 if aligned and ds % 1 == 0 else 1
-        span = int(read * ds)
-        coords = np.stack([rng.integers(0, (s.width - span // 2) // step, n),
-                           rng.integers(0, (s.height - span // 2) // step, n)], 1) * step
-        got = read_patches(page, coords, ds)
-        diffs = []
-        for (x, y), g in zip(coords, got, strict=True):
-            ref = s.read_region(int(x), int(y), level, read, read)
-            if read != patch:
-                ref = cv2.resize(ref, (patch, patch), interpolation=cv2.INTER_AREA)
-            diffs.append(np.abs(np.asarray(g).astype(int) - ref.astype(int)).mean())
-    return float(np.mean(diffs)), float(np.max(diffs))
 
 
 class ChannelMean(nn.Module):

@@ -1,5 +1,7 @@
 """The encoder registry: every preset's architecture, weight loading and its errors."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -111,17 +113,22 @@ def test_conch_v1_official_layout_loads_and_drops_text_tower(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["transformers 5", "hub (transformers 4)"])
-def test_phikon_v2_official_layout_gives_the_hf_model_s_features(tmp_path, layout):
-    """A real transformers Dinov2Model in phikon-v2's configuration, saved as the hub
-    file is laid out: our timm model with the remapped weights must give its features (CLS
-    of last_hidden_state, as Owkin's model card takes them). q/k/v in the wrong order, or
-    the two layer scales swapped, load strictly but give other features."""
+def test_phikon_v2_official_layout_gives_the_hf_model_s_features(tmp_path, monkeypatch,
+                                                                 layout):
+    """A real transformers Dinov2Model laid out as phikon-v2's hub file: our timm model
+    with the remapped weights must give its features (CLS of last_hidden_state, as Owkin's
+    model card takes them). q/k/v in the wrong order, or the two layer scales swapped, load
+    strictly but give other features. Both sides are narrowed to 2 layers of width 64 (the
+    remap is per layer; the ViT-L shapes are checked in the tests above)."""
     from safetensors.torch import save_file
     from transformers import Dinov2Config, Dinov2Model
 
+    small = {**PRESETS["phikon_v2"].kwargs, "embed_dim": 64, "depth": 2, "num_heads": 4}
+    monkeypatch.setitem(PRESETS, "phikon_v2", replace(PRESETS["phikon_v2"], kwargs=small,
+                                                      dim=64))
     torch.manual_seed(0)
-    hf = Dinov2Model(Dinov2Config(image_size=224, patch_size=16, hidden_size=1024,
-                                  num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+    hf = Dinov2Model(Dinov2Config(image_size=224, patch_size=16, hidden_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4,
                                   layerscale_value=1e-5)).eval()
     with torch.no_grad():
         for p in hf.parameters():  # untrained layer scales and biases would hide swaps

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
+from wsi_embed.encoders import PRESETS
 from wsi_embed.h5io import FEATURES_SCHEMA, check_output
 from wsi_embed.slides import open_slide
 
-from .conftest import CMU, NDPI, cli, copy, small_slide
+from .conftest import CMU, MEANS_PRESET, NDPI, cli, copy, patch_means, small_slide
 
 
 def feats(out, enc, slide_id):
@@ -208,30 +210,119 @@ def test_a_reader_killed_mid_run_costs_no_slide(tmp_path, means_encoder):
         assert len(f) == 256 and np.abs(f - ref).max() < 0.01  # no slot was overwritten
 
 
-def test_two_devices_share_the_slides_and_match_one_device(tmp_path, slide_folder):
+def test_two_devices_share_the_slides_and_match_one_device(tmp_path, slide_folder,
+                                                           means_encoder):
     """--devices cpu,cpu: one process per device pulling slides from a shared queue."""
     feats = {}
     for name, extra in (("one", ()), ("two", ("--devices", "cpu,cpu"))):
         out = tmp_path / name
-        r = cli("extract", slide_folder, "--out", out, "--encoder", "ctranspath", "--weights",
+        r = cli("extract", slide_folder, "--out", out, "--encoder", means_encoder, "--weights",
                 "random", "--num-workers", "0", "--batch-size", "16", "--device", "cpu",
                 *extra)
         assert r.exit_code == 0, r.output
-        rows = report(out, "ctranspath")
+        rows = report(out, means_encoder)
         assert sorted(rows) == [f"s{i}" for i in range(5)]  # each slide once
         assert all(row["status"] == "ok" for row in rows.values())
-        feats[name] = {s: feats_of(out, s) for s in rows}
-    for s, a in feats["one"].items():
-        np.testing.assert_allclose(feats["two"][s], a, rtol=1e-4, atol=1e-4)
+        feats[name] = {s: feats_of(out, means_encoder, s) for s in rows}
+    for s, (a, coords) in feats["one"].items():
+        with open_slide(slide_folder / f"{s}.svs") as sl:  # the right patches, in order
+            ref = np.stack([sl.read_region(x, y, 0, 256, 256).reshape(-1, 3).mean(0) / 255
+                            for x, y in coords])
+        assert np.abs(a - ref).max() < 0.01 and ref.std(0).max() > 0.01
+        np.testing.assert_allclose(feats["two"][s][0], a, rtol=1e-4, atol=1e-4)
     # a second run finds everything done, whatever device made it
-    r = cli("extract", slide_folder, "--out", tmp_path / "two", "--encoder", "ctranspath",
+    r = cli("extract", slide_folder, "--out", tmp_path / "two", "--encoder", means_encoder,
             "--weights", "random", "--devices", "cpu,cpu", "--num-workers", "0")
     assert r.exit_code == 0 and all(row["status"] == "skipped"
-                                    for row in report(tmp_path / "two", "ctranspath").values())
+                                    for row in report(tmp_path / "two", means_encoder).values())
     r = cli("extract", slide_folder, "--out", tmp_path / "x", "--encoder", "ctranspath",
             "--devices", "cuda:7")
     assert r.exit_code == 2 and "cuda:7" in r.output
 
 
-def feats_of(out, slide_id):
-    return feats(out, "ctranspath", slide_id)[0]
+def feats_of(out, enc, slide_id):
+    f, coords, _, _ = feats(out, enc, slide_id)
+    return f, coords
+
+
+def test_coords_dir_shards_refusal_of_other_settings_and_overwrite(tmp_path, means_encoder):
+    """--coords DIR (a `tile` output folder or its coords folder) is used as is, nothing is
+    tiled again; --shard i/n extracts a deterministic share; features made with other
+    weights or precision are refused per slide (nothing overwritten) until --overwrite."""
+    folder, tiled = tiled_slides(tmp_path, 3, 768)
+    out = tmp_path / "x"
+    fdir = out / "features" / means_encoder
+    base = ("extract", folder, "--out", out, "--encoder", means_encoder, "--num-workers", "0")
+    r = cli(*base, "--weights", "random", "--coords", tiled, "--shard", "0/2")
+    assert r.exit_code == 0, r.output
+    assert sorted(report(out, means_encoder)) == ["k0", "k2"] == sorted(
+        p.stem for p in fdir.glob("*.h5"))
+    r = cli(*base, "--weights", "random", "--coords", tiled / "coords", "--shard", "1/2")
+    assert r.exit_code == 0, r.output
+    assert sorted(report(out, means_encoder)) == ["k1"]
+    assert not (out / "coords").exists()  # nothing was tiled again
+    for i in range(3):
+        f, coords, _, _ = feats(out, means_encoder, f"k{i}")
+        assert np.abs(f - patch_means(folder / f"k{i}.svs", coords, 0, 256)).max() < 0.01
+    mtimes = {p.name: p.stat().st_mtime_ns for p in fdir.glob("*.h5")}
+
+    weights = tmp_path / "w.pth"  # the channel-mean encoder has no parameters: any file
+    torch.save({}, weights)
+    r = cli(*base, "--weights", weights, "--coords", tiled)
+    assert r.exit_code == 1
+    for row in report(out, means_encoder).values():
+        assert row["status"] == "failed" and "weights=" in row["error"], row
+        assert "--overwrite" in row["error"] and str(fdir) in row["error"]
+    with h5py.File(fdir / "k1.h5", "r+") as f:  # as if made on a GPU in bf16
+        f.attrs["precision"] = "bf16"
+    mtimes["k1.h5"] = (fdir / "k1.h5").stat().st_mtime_ns
+    r = cli(*base, "--weights", "random", "--coords", tiled)
+    rows = report(out, means_encoder)
+    assert r.exit_code == 1 and rows["k0"]["status"] == "skipped"
+    assert rows["k1"]["status"] == "failed" and "precision='bf16'" in rows["k1"]["error"]
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in fdir.glob("*.h5")}
+
+    r = cli(*base, "--weights", weights, "--coords", tiled, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert {row["status"] for row in report(out, means_encoder).values()} == {"ok"}
+    for p in fdir.glob("*.h5"):
+        assert p.stat().st_mtime_ns > mtimes[p.name]
+        with h5py.File(p) as f:
+            assert f.attrs["weights"].startswith("sha256:") and f.attrs["precision"] == "fp32"
+
+
+def test_progress_counts_patches_over_all_slides(tmp_path, means_encoder, monkeypatch):
+    """On a terminal a bar of patches done out of every slide's patches (slides done beside
+    it); without one, log lines with the same counts and the rate."""
+    import wsi_embed.report as run_report
+
+    folder, out = tiled_slides(tmp_path, 2, 768)  # 9 patches each
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit="slide", leave=True):
+            self.total, self.unit, self.done, self.postfix = total, unit, 0, ""
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def set_postfix_str(self, s):
+            self.postfix = s
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(run_report, "progress_bar", Bar)
+    base = ("extract", folder, "--out", out, "--encoder", means_encoder, "--weights",
+            "random", "--num-workers", "0", "--batch-size", "4")
+    assert cli(*base).exit_code == 0
+    (bar,) = bars
+    assert (bar.unit, bar.total, bar.done, bar.postfix) == ("patch", 18, 18, "slides 2/2")
+    monkeypatch.undo()
+    monkeypatch.setitem(PRESETS, means_encoder, MEANS_PRESET)
+    monkeypatch.setattr(run_report, "LOG_EVERY", 0.0)
+    r = cli(*base, "--overwrite")
+    assert r.exit_code == 0
+    lines = [ln for ln in r.output.splitlines() if "patches/s" in ln and "slides," in ln]
+    assert lines and "2/2 slides, 18/18 patches" in lines[-1], r.output

@@ -8,13 +8,12 @@ import csv
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from wsi_embed.extract.sources.device_jpeg import JpegTileDecoder, canary, choose_decode
 from wsi_embed.extract.sources.tiff_tiles import TiffTileReader
 
-from .conftest import CMU, TCGA, cli, copy, mad_vs_openslide, small_slide
+from .conftest import CMU, TCGA, cli, copy, small_slide
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # libjpeg-turbo through torchvision gives OpenSlide's pixels; nvJPEG upsamples chroma
@@ -25,33 +24,6 @@ TOL = 5.0 if DEVICE.type == "cuda" else 1.0
 def textured(path, width, height, tile, aperio=True, mpp=0.25):
     """Detail at every scale, with stain-like colour (see `small_slide`)."""
     return small_slide(path, width, height, mpp, aperio, seed=1, tile=tile, blur=1.5)
-
-
-def mad_against_openslide(path, level, read, patch, n=24, seed=0):
-    """MAD from OpenSlide (+ cv2 area resize) of the batched decoder on DEVICE."""
-    def read_patches(page, coords, ds):
-        dec = JpegTileDecoder(DEVICE)
-        try:
-            return dec.read(str(path), page, coords, ds, read, patch).cpu().numpy()
-        finally:
-            dec.close()
-
-    return mad_vs_openslide(path, level, read_patches, read, patch, n, seed)
-
-
-@pytest.mark.parametrize("tile", [240, 256])
-@pytest.mark.parametrize("aperio", [True, False])
-def test_device_decode_matches_openslide_across_tiles_levels_and_resizes(tmp_path, tile,
-                                                                         aperio):
-    # 2101 x 1501: level 1 has a fractional downsample (3.993), so patches there fall between
-    # pixels and need OpenSlide's sub-pixel shift; patches overhang every edge
-    path = textured(tmp_path / ("s.svs" if aperio else "s.tif"), 2101, 1501, tile, aperio)
-    for level in (0, 1):
-        for read, patch in ((256, 256), (256, 128), (300, 224)):
-            mean, worst = mad_against_openslide(path, level, read, patch, seed=level)
-            print(f"decode on {DEVICE} vs OpenSlide: tile {tile} aperio {aperio} level "
-                  f"{level} read {read} → {patch}: MAD mean {mean:.3f} max {worst:.3f}")
-            assert mean <= TOL and worst <= TOL + 0.5, (level, read, patch, mean, worst)
 
 
 def test_tiles_are_decoded_once_and_glass_is_white(tmp_path):
@@ -79,31 +51,33 @@ def test_jpeg_the_gpu_cannot_read_or_gets_wrong_goes_to_the_cpu():
     assert choose_decode(str(CMU), 0, "auto", torch.device("cuda")) == (False, "CPU decode")
 
 
-def test_extract_with_device_decode_matches_cpu_decode(tmp_path):
+def test_extract_with_device_decode_matches_cpu_decode(tmp_path, means_encoder):
     """A YCbCr slide read 512 px at 0.25 µm/px for 256 px at 0.5 (decode, stitch and resize
-    on the device) next to CMU (RGB JPEG: CPU workers), in one run and in shared batches."""
+    on the device) next to CMU (RGB JPEG: CPU workers), in one run and in shared batches;
+    channel-mean features equal per patch to the decoders' pixel bound."""
     slides = tmp_path / "in"
     textured(slides / "ycbcr.svs", 2048, 1536, 240)
     copy(CMU, slides / "cmu.svs")
     feats, rows = {}, {}
     for decode in ("cpu", "gpu"):
         out = tmp_path / decode
-        r = cli("extract", slides, "--out", out, "--encoder", "ctranspath", "--weights",
+        r = cli("extract", slides, "--out", out, "--encoder", means_encoder, "--weights",
                 "random", "--decode", decode, "--device", str(DEVICE), "--num-workers", "1",
                 "--batch-size", "24", "--target-mpp", "0.5", "--tissue", "none")
         assert r.exit_code == 0, r.output
-        with open(out / "extract_report_ctranspath.csv") as fh:
+        with open(out / f"extract_report_{means_encoder}.csv") as fh:
             rows[decode] = {row["slide_id"]: row["reader"] for row in csv.DictReader(fh)}
         for sid in ("ycbcr", "cmu"):
-            with h5py.File(out / "features" / "ctranspath" / f"{sid}.h5") as f:
+            with h5py.File(out / "features" / means_encoder / f"{sid}.h5") as f:
                 feats[decode, sid] = f["features"][:]
     assert "batched decode" in rows["gpu"]["ycbcr"]
     assert "RGB-photometric" in rows["gpu"]["cmu"] and "CPU decode" in rows["cpu"]["ycbcr"]
     for sid in ("ycbcr", "cmu"):
         a, b = feats["cpu", sid], feats["gpu", sid]
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        print(f"{sid}: cosine, device vs CPU decode on {DEVICE}: min {cos.min():.5f}")
-        assert len(a) >= 12 and cos.min() >= 0.999, (sid, cos.min())
+        print(f"{sid}: channel means, device vs CPU decode on {DEVICE}: max abs diff "
+              f"{np.abs(a - b).max() * 255:.3f} grey levels")
+        assert len(a) >= 12 and a.std(0).max() > 0.01  # patches differ: a swap would show
+        assert np.abs(a - b).max() <= TOL / 255 + 1e-6, sid
     r = cli("extract", slides, "--out", tmp_path / "x", "--encoder", "ctranspath",
             "--decode", "nvjpeg")
     assert r.exit_code == 2 and "--decode" in r.output

@@ -1,5 +1,6 @@
 """Opening slides, MPP sources and level choice, on real and synthetic slides."""
 
+import csv
 import json
 
 import pytest
@@ -71,3 +72,24 @@ def test_slide_without_mpp_and_implausible_dicom():
         assert s.metadata_mpp is None and len(s.level_dims) == 2
     with open_slide(DICOM) as s:
         assert s.vendor == "dicom" and s.metadata_mpp == pytest.approx(16.783, rel=1e-3)
+
+
+def test_an_implausible_mpp_is_refused_with_a_clear_message(tmp_path):
+    """80 µm/px is no scan: in the metadata it is named (not taken for "no MPP"), as
+    --slide-mpp or a slide list's mpp it is a usage error before any work."""
+    slide = small_slide(tmp_path / "in" / "s.tif", 512, 512, mpp=80.0, aperio=False)
+    r = cli("tile", slide, "--out", tmp_path / "o", "--num-workers", "0")
+    assert r.exit_code == 1
+    with open(tmp_path / "o" / "tile_report.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    for words in ("80 µm/px", "openslide.mpp-x/y", "plausible range", "--slide-mpp"):
+        assert words in row["error"], row["error"]
+    r = cli("tile", slide, "--out", tmp_path / "o2", "--slide-mpp", "80")
+    assert r.exit_code == 2 and "--slide-mpp 80" in r.output and "plausible" in r.output
+    assert not (tmp_path / "o2" / "coords").exists()
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{slide},80\n")
+    r = cli("tile", "--slide-list", listing, "--out", tmp_path / "o3")
+    assert r.exit_code == 2 and "line 2" in r.output and "plausible" in r.output
+    assert cli("tile", slide, "--out", tmp_path / "o4", "--slide-mpp", "0.5",
+               "--num-workers", "0").exit_code == 0

@@ -17,12 +17,13 @@ from wsi_embed.synthetic import write_witness_bags
 from .conftest import cli
 
 FAST = ("--epochs", "10", "--lr", "1e-3")
+DIM = 96  # what the heads learn does not depend on the width; CPU time does
 
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
     return write_witness_bags(tmp_path_factory.mktemp("bags") / "f", 80, n_classes=2,
-                              patches=(40, 80), shift=20.0)
+                              patches=(40, 80), shift=20.0, dim=DIM)
 
 
 def read_csv(path):
@@ -35,11 +36,34 @@ def attention(folder, sid):
         return f["attention"][:]
 
 
-@pytest.mark.parametrize("head", list(HEADS))
-def test_every_head_finds_the_witnesses(binary, tmp_path, head):
+def classify_matches_fold_predictions(feats, model, fold_predictions, out):
+    """`classify` with `model` gives, to the printed digit, the predictions its fold wrote."""
+    r = cli("classify", "--features", feats, "--model", model, "--out", out)
+    assert r.exit_code == 0, r.output
+    got = {row["slide_id"]: row for row in read_csv(out / "predictions.csv")}
+    rows = read_csv(fold_predictions)
+    for row in rows:
+        for c in ("prob_0", "prob_1", "prediction"):
+            assert got[row["slide_id"]][c] == row[c]
+    return rows
+
+
+def witnesses_draw_attention(binary, out):
+    ratios = []
+    for sid, label in binary.labels.items():
+        if label == "1":
+            a, w = attention(out, sid), binary.witnesses[sid]
+            ratios.append(a[w].mean() / a[~w].mean())
+    assert np.mean(ratios) >= 5, ratios
+
+
+def test_cross_validation_is_patient_level_and_its_fold_models_classify_alike(binary,
+                                                                            tmp_path):
+    """One 5-fold run (the head does not matter here): every slide tested once, no patient
+    on two sides of a split, each fold's model gives its predictions through `classify`."""
     feats, out = binary.labels_csv.parent, tmp_path / "m"
     r = cli("train", "--features", feats, "--labels", binary.labels_csv, "--out", out,
-            "--head", head, *FAST)
+            "--head", "abmil", *FAST)
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["folds"]) == 5
@@ -53,37 +77,44 @@ def test_every_head_finds_the_witnesses(binary, tmp_path, head):
         patients = {p: {patient[s] for s in f[p]} for p in ("train", "val", "test")}
         assert not patients["train"] & patients["test"]
         assert not patients["train"] & patients["val"]
-
-    # the model saved for fold 0 gives the same numbers through `classify`
     fold = out / "folds" / "fold_0"
-    r = cli("classify", "--features", feats, "--model", fold / "model.pt", "--out",
-            tmp_path / "c0")
-    assert r.exit_code == 0, r.output
-    got = {row["slide_id"]: row for row in read_csv(tmp_path / "c0" / "predictions.csv")}
-    oof = read_csv(fold / "predictions.csv")
-    assert len(oof) == len(splits["fold_0"]["test"])
-    for row in oof:
-        for c in ("prob_0", "prob_1", "prediction"):
-            assert got[row["slide_id"]][c] == row[c]
+    rows = classify_matches_fold_predictions(feats, fold / "model.pt",
+                                             fold / "predictions.csv", tmp_path / "c0")
+    assert len(rows) == len(splits["fold_0"]["test"])
 
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_every_head_finds_the_witnesses(binary, tmp_path, head):
+    """One fit per head on a fixed patient-level split (train 48, val 16, test 16 slides):
+    it separates the test slides, and its saved model predicts the same through
+    `classify`; attention heads put their attention on the witness patches."""
+    feats, out = binary.labels_csv.parent, tmp_path / "m"
+    rows = read_csv(binary.labels_csv)
+    patients = sorted({r["patient_id"] for r in rows})  # patient_<k>_<class>: classes alternate
+    part = {p: ("train", "train", "train", "val", "test")[i % 5] for i, p in
+            enumerate(patients)}
+    labels = tmp_path / "split.csv"
+    labels.write_text("slide_id,label,patient_id,split\n" + "".join(
+        f"{r['slide_id']},{r['label']},{r['patient_id']},{part[r['patient_id']]}\n"
+        for r in rows))
+    r = cli("train", "--features", feats, "--labels", labels, "--out", out, "--head", head,
+            *FAST)
+    assert r.exit_code == 0, r.output
+    (fold,) = json.loads((out / "metrics.json").read_text())["folds"]
+    assert fold["evaluated_on"] == "test" and fold["n"] >= 12 and fold["auc"] >= 0.95, fold
+    classify_matches_fold_predictions(feats, out / "model.pt",
+                                      out / "folds" / "fold_0" / "predictions.csv",
+                                      tmp_path / "c")
     if head in ("abmil", "resampler"):  # witnesses draw the attention
-        r = cli("classify", "--features", feats, "--model", out / "model.pt", "--out",
-                tmp_path / "c")
-        assert r.exit_code == 0, r.output
-        ratios = []
-        for sid, label in binary.labels.items():
-            if label == "1":
-                a, w = attention(tmp_path / "c", sid), binary.witnesses[sid]
-                ratios.append(a[w].mean() / a[~w].mean())
-        assert np.mean(ratios) >= 5, ratios
+        witnesses_draw_attention(binary, tmp_path / "c")
 
 
 def test_three_classes(tmp_path):
     bags = write_witness_bags(tmp_path / "f", 90, n_classes=3, patches=(40, 80), shift=20.0,
-                              seed=3)
+                              seed=3, dim=DIM)
     out = tmp_path / "m"
     r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
-            "--out", out, "--head", "abmil", *FAST)
+            "--out", out, "--head", "abmil", "--folds", "3", *FAST)
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["0", "1", "2"]
@@ -159,7 +190,7 @@ def test_bad_inputs_give_clear_errors(binary, tmp_path):
     assert r.exit_code == 2 and "different dims" in r.output and "x_small.h5" in r.output
     with h5py.File(mixed / "x_small.h5", "r+") as f:
         del f["features"]
-        f["features"] = np.zeros((5, 768), np.float16)
+        f["features"] = np.zeros((5, DIM), np.float16)
         f.attrs["encoder"] = "uni_v1"
     r = train(tmp_path / "c.csv", folder=mixed)
     assert r.exit_code == 2 and "different encoders" in r.output and "'uni_v1'" in r.output
@@ -195,7 +226,7 @@ def test_split_column_and_empty_bags(binary, tmp_path):
     ids = sorted(p.stem for p in feats.glob("*.h5"))
     with h5py.File(feats / "empty.h5", "w") as f:  # a slide where no tissue was found
         f.attrs.update({"encoder": "synthetic", "weights": "random"})
-        f["features"] = np.zeros((0, 768), np.float16)
+        f["features"] = np.zeros((0, DIM), np.float16)
         f["coords"] = np.zeros((0, 2), np.int64)
     split = ["train"] * 12 + ["val"] * 4 + ["test"] * 4
     labels = _labels(tmp_path / "l.csv", [f"{s},{i % 2},{split[i]}" for i, s in enumerate(ids)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import UsageError
 from .h5io import tmp_path
 from .report import RunReport
-from .slides import SLIDE_EXTENSIONS, dicom_series_uid
+from .slides import SLIDE_EXTENSIONS, dicom_series_uid, mpp_problem
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,9 @@ def read_slide_list(path: Path) -> list[SlideJob]:
             except ValueError:
                 raise UsageError(f"slide list {path}, line {i}: mpp {r['mpp']!r} is not a "
                                  "number") from None
-            if not mpp > 0:
-                raise UsageError(f"slide list {path}, line {i}: mpp must be positive")
+            why = mpp_problem(mpp)
+            if why:
+                raise UsageError(f"slide list {path}, line {i}: mpp {mpp:g} {why}")
         jobs.append(SlideJob(p, r.get("slide_id") or p.stem, mpp, p.stat().st_size))
     return jobs
 

@@ -99,11 +99,14 @@ def _jobs(slides, slide_list, recursive, ext, shard):
 
 
 def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size, overlap,
-                 min_tissue, tissue: str, tissue_mask: Path | None):
+                 min_tissue, tissue: str, tissue_mask: Path | None, slide_mpp: float | None):
     """Validate the tiling options shared by `tile` and `extract`, and the output folder."""
     from .batch import check_writable
+    from .slides import mpp_problem
     from .tiling import TileParams
 
+    if slide_mpp is not None and mpp_problem(slide_mpp):
+        raise UsageError(f"--slide-mpp {slide_mpp:g} {mpp_problem(slide_mpp)}")
     if tissue not in ("auto", "none"):
         raise UsageError("--tissue must be auto or none")
     if tissue_mask is not None and not tissue_mask.exists():
@@ -142,7 +145,7 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
     _setup_logging(log_level)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
-                          min_tissue, tissue, tissue_mask)
+                          min_tissue, tissue, tissue_mask, slide_mpp)
     _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite),
                         num_workers))
 
@@ -214,7 +217,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
         raise UsageError(str(e)) from None
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
-                          min_tissue, tissue, tissue_mask)
+                          min_tissue, tissue, tissue_mask, slide_mpp)
     tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
     cfg = ExtractConfig(out=out, encoder=encoder, weights=weights, device=device,
                         batch_size=batch_size, num_workers=num_workers, precision=precision,

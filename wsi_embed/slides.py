@@ -69,7 +69,7 @@ class Slide:
     level_dims: list[tuple[int, int]]
     level_downsamples: list[float]
     metadata_mpp: float | None
-    metadata_mpp_source: str
+    metadata_mpp_source: str  # where it came from, or why none was taken
     objective_power: float | None
     properties: dict[str, str] = field(default_factory=dict)
     associated_images: list[str] = field(default_factory=list)
@@ -81,17 +81,21 @@ class Slide:
     # -- resolution -------------------------------------------------------------------
     def set_mpp(self, override: float | None = None, override_source: str = "") -> float:
         """Fix the level-0 MPP: a user value wins over metadata; none at all is an error."""
+        fix = ("Give it with --slide-mpp MPP, or an 'mpp' column in the --slide-list CSV for "
+               "this slide.")
         if override is not None:
-            if not (override > 0 and math.isfinite(override)):
-                raise SlideError(f"{self.path}: invalid MPP {override!r} from {override_source}")
+            why = mpp_problem(override)
+            if why:
+                raise SlideError(f"{self.path}: MPP {override!r} from {override_source} {why}")
             self.mpp, self.mpp_source = float(override), override_source
         elif self.metadata_mpp is not None:
             self.mpp, self.mpp_source = self.metadata_mpp, self.metadata_mpp_source
+        elif self.metadata_mpp_source:  # found, but not a scan's resolution
+            raise SlideError(f"{self.path}: the slide's metadata MPP is not usable: "
+                             f"{self.metadata_mpp_source}. {fix}")
         else:
-            raise SlideError(
-                f"{self.path}: no microns-per-pixel (MPP) in the slide's metadata. Give it with "
-                "--slide-mpp MPP, or an 'mpp' column in the --slide-list CSV for this slide."
-            )
+            raise SlideError(f"{self.path}: no microns-per-pixel (MPP) in the slide's "
+                             f"metadata. {fix}")
         return self.mpp
 
     @property
@@ -162,21 +166,36 @@ def _float(v: str | None) -> float | None:
     return f if f is not None and math.isfinite(f) and f > 0 else None
 
 
-def _plausible(mpp: float | None) -> float | None:
-    return mpp if mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+def mpp_problem(mpp: float) -> str | None:
+    """Why `mpp` cannot be a slide scan's level-0 resolution, or None when it can."""
+    if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+        return "is not a positive number"
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= mpp <= hi:
+        return (f"is outside the plausible range {lo:g}-{hi:g} µm/px of a slide scan "
+                "(20x is about 0.5, 40x about 0.25)")
+    return None
+
+
+def _plausible(mpp: float, source: str) -> tuple[float | None, str]:
+    """(mpp, its source), or (None, why it is not used) when it is implausible (a 72 dpi
+    TIFF default is ~353 µm/px, not a scan resolution)."""
+    why = mpp_problem(mpp)
+    return (None, f"{mpp:g} µm/px from {source} {why}") if why else (mpp, source)
 
 
 def mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
-    """MPP from OpenSlide properties, else from TIFF resolution tags (cm or inch)."""
+    """MPP from OpenSlide properties, else from TIFF resolution tags (cm or inch): (mpp,
+    where from), or (None, why none was taken: "" when there is none at all)."""
     mx, my = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
     if mx and my:
-        return _plausible((mx + my) / 2), "openslide.mpp-x/y"
+        return _plausible((mx + my) / 2, "openslide.mpp-x/y")
     if mx:
-        return _plausible(mx), "openslide.mpp-x"
+        return _plausible(mx, "openslide.mpp-x")
     res, unit = _float(props.get("tiff.XResolution")), props.get("tiff.ResolutionUnit", "")
     per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit.lower())
     if res and per_um:
-        return _plausible(per_um / res), f"TIFF resolution tags ({unit})"
+        return _plausible(per_um / res, f"TIFF resolution tags ({unit})")
     return None, ""
 
 

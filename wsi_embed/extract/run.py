@@ -154,7 +154,13 @@ class _QueueReport:
         pass
 
 
-def _device_main(device: str, cfg: ExtractConfig, params: TileParams, job_q, row_q) -> None:
+def _device_main(device: str, cfg: ExtractConfig, preset: EncoderConfig, params: TileParams,
+                 job_q, row_q) -> None:
+    """One device's process. It gets the parent's preset, so each process builds the model
+    the parent resolved (a preset registered at run time included)."""
+    from ..encoders import PRESETS
+
+    PRESETS[cfg.encoder] = preset
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(cfg.devices))))
     runner, attrs, batch = encoder_setup(cfg, torch.device(device))
 
@@ -176,7 +182,8 @@ def _run_devices(todo: list[tuple[SlideJob, Path]], devices: tuple[str, ...],
     sub = replace(cfg, num_workers=cfg.num_workers // len(devices))
     log.info("extracting %d slides on %d devices (%s), %d readers each", len(todo),
              len(devices), ", ".join(devices), sub.num_workers)
-    procs = [ctx.Process(target=_device_main, args=(d, sub, params, job_q, row_q))
+    preset = get_config(cfg.encoder)
+    procs = [ctx.Process(target=_device_main, args=(d, sub, preset, params, job_q, row_q))
              for d in devices]
     for p in procs:
         p.start()
