@@ -145,6 +145,17 @@ def slide_folder(tmp_path):
     return folder
 
 
+def last_run(merged: Path) -> dict[str, dict]:
+    """The rows of the newest run's own report behind the merged report `merged` (what
+    that run did: "skipped" where the merged view keeps an earlier "ok")."""
+    import csv
+
+    from wsi_embed.report import run_reports
+
+    with open(run_reports(merged)[-1], newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
 def copy(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dst)

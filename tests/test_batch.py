@@ -1,6 +1,5 @@
 """Batch behaviour: bad slides, resume, kill and restart, shards, bad usage."""
 
-import csv
 import os
 import signal
 import socket
@@ -10,12 +9,12 @@ import time
 
 from wsi_embed.h5io import COORDS_SCHEMA, TMP_SUFFIX, check_output, remove_stale_tmp
 
-from .conftest import CMU, DICOM, cli, copy, dicom_series, small_slide
+from .conftest import CMU, DICOM, cli, copy, dicom_series, last_run, small_slide
 
 
 def rows(out):
-    with open(out / "tile_report.csv") as fh:
-        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+    """What the last `tile` run into `out` did."""
+    return last_run(out / "tile_report.csv")
 
 
 def test_a_dicom_slide_stored_as_a_series_of_files_is_one_slide(tmp_path):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FeatureFileError
 from .h5io import FeaturesMeta, read_features, read_features_meta
+from .layout import slide_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +26,33 @@ class FeatureSet:
     dim: int
     encoder: str | None
     weights: str | None
+    unreadable: dict[str, str] = field(default_factory=dict)  # slide id → why (lenient scan)
 
 
-def scan_features(folder: Path) -> FeatureSet:
-    """Every `<slide_id>.h5` in `folder`; refuses a mix of dims, encoders or weights."""
+def scan_features(folder: Path, lenient: bool = False) -> FeatureSet:
+    """Every `<slide_id>.h5` in `folder`; refuses a mix of dims, encoders or weights. A file
+    that cannot be used is an error naming it, or with `lenient` (classify: one slide's bad
+    file is its failed row) set aside in `unreadable`."""
     if not folder.is_dir():
         raise FeatureFileError(f"--features {folder} is not a folder")
     paths = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
     if not paths:
         raise FeatureFileError(f"no .h5 features files in {folder}; run `wsi-embed extract` "
                                "and pass OUT/features/<encoder>")
-    metas = {p.stem: read_features_meta(p) for p in paths}
+    metas, unreadable = {}, {}
+    for p in paths:
+        try:
+            why = slide_id_problem(p.stem)
+            if why:
+                raise FeatureFileError(f"{p}: its name cannot be a slide id ({why}); rename it")
+            metas[p.stem] = read_features_meta(p)
+        except FeatureFileError as e:
+            if not lenient:
+                raise
+            unreadable[p.stem] = str(e)
+    if not metas:
+        raise FeatureFileError(f"no usable features file in {folder}: "
+                               + "; ".join(list(unreadable.values())[:3]))
     for key, what in (("dim", "dims"), ("encoder", "encoders"), ("weights", "weights")):
         groups: dict[object, list[str]] = {}
         for sid, m in metas.items():
@@ -46,7 +63,7 @@ def scan_features(folder: Path) -> FeatureSet:
             raise FeatureFileError(f"{folder} mixes features of different {what} ({parts}). "
                                    "Put each encoder's features in its own folder.")
     m0 = next(iter(metas.values()))
-    return FeatureSet(metas, m0.dim, m0.encoder, m0.weights)
+    return FeatureSet(metas, m0.dim, m0.encoder, m0.weights, unreadable)
 
 
 class BagStore:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import logging
 import multiprocessing as mp
+import os
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 from .h5io import tmp_path
+from .layout import check_slide_id
 from .report import RunReport
 from .slides import SLIDE_EXTENSIONS, dicom_series_uid, mpp_problem
 
@@ -47,15 +49,18 @@ def discover(inputs: Iterable[Path], slide_list: Path | None = None, recursive: 
     for p in inputs:
         p = Path(p)
         if p.is_file():
-            jobs.append(SlideJob(p, p.stem, size=p.stat().st_size))
+            jobs.append(SlideJob(p, check_slide_id(p.stem, str(p)), size=p.stat().st_size))
         elif p.is_dir():
             found = sorted(p.rglob("*") if recursive else p.iterdir())
-            files = [f for f in found if f.is_file() and not f.name.startswith(".")
-                     and f.suffix.lower() in extensions]
+            # a link that leads nowhere (broken, or a loop) is kept: its slide fails with a
+            # row saying so, rather than vanishing from the batch
+            files = [f for f in found if (f.is_file() or _dead_link(f))
+                     and not f.name.startswith(".") and f.suffix.lower() in extensions]
             if not files:
                 raise UsageError(f"no slides ({', '.join(extensions)}) found in folder {p}"
                                  + ("" if recursive else "; use --recursive for subfolders"))
-            jobs += [SlideJob(f, f.stem, size=f.stat().st_size) for f in files]
+            jobs += [SlideJob(f, check_slide_id(f.stem, str(f)),
+                              size=0 if _dead_link(f) else f.stat().st_size) for f in files]
         else:
             raise UsageError(f"no such file or folder: {p}")
     jobs = one_job_per_dicom_series(jobs)
@@ -134,8 +139,14 @@ def read_slide_list(path: Path) -> list[SlideJob]:
             why = mpp_problem(mpp)
             if why:
                 raise UsageError(f"slide list {path}, line {i}: mpp {mpp:g} {why}")
-        jobs.append(SlideJob(p, r.get("slide_id") or p.stem, mpp, p.stat().st_size))
+        sid = check_slide_id(r.get("slide_id") or p.stem, f"slide list {path}, line {i}")
+        jobs.append(SlideJob(p, sid, mpp, p.stat().st_size))
     return jobs
+
+
+def _dead_link(f: Path) -> bool:
+    """A symbolic link whose target does not exist (or a loop of links)."""
+    return f.is_symlink() and not f.exists()
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -166,41 +177,86 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"output folder {out} cannot be written: {e}") from e
 
 
+#: default per-slide time limit (seconds): generous, it only catches a slide that hangs
+SLIDE_TIMEOUT = 1800.0
+
+
 def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: RunReport,
-              num_workers: int = 1) -> None:
+              num_workers: int = 1, timeout: float | None = SLIDE_TIMEOUT) -> None:
     """Run `fn` on each slide (in `num_workers` processes; 0 = in this process) and record one
-    row per slide. `fn` turns its own errors into rows; a crashed worker is retried alone."""
-    report.expect(len(jobs))
+    row per slide. `fn` turns its own errors into rows; a crashed worker is retried alone; a
+    slide still running after `timeout` seconds fails and its worker is replaced (in worker
+    processes: an in-process call cannot be stopped)."""
+    report.expect([j.slide_id for j in jobs])
     if num_workers <= 0:
         for job in jobs:
             report.add(fn(job))
         return
-    crashed = _run_pool(jobs, fn, num_workers, report.add)
+    crashed = _run_pool(jobs, fn, num_workers, report.add, timeout)
     for job in crashed:  # alone, so a second crash can only be this slide's fault
-        for j in _run_pool([job], fn, 1, report.add):
+        for j in _run_pool([job], fn, 1, report.add, timeout):
             report.add({"slide_id": j.slide_id, "path": str(j.path), "status": "failed",
                         "seconds": 0, "error": "the worker process crashed reading this "
                         "slide (corrupt file or a bug in the slide library)"})
 
 
-def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record) -> list[SlideJob]:
+def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record,
+              timeout: float | None) -> list[SlideJob]:
+    """`fn` over `jobs` in a pebble process pool; the jobs whose worker crashed."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures import as_completed
+
+    from pebble import ProcessExpired, ProcessPool
+
     crashed: list[SlideJob] = []
-    with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)),
-                             mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker,
-                             initargs=(logging.getLogger().level,)) as pool:
-        pending: dict[Future, SlideJob] = {pool.submit(fn, j): j for j in jobs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                job = pending.pop(fut)
-                try:
-                    record(fut.result())
-                except BrokenProcessPool:
-                    crashed.append(job)
+    pool = ProcessPool(max_workers=min(num_workers, len(jobs)),
+                       context=mp.get_context("spawn"), initializer=_init_worker,
+                       initargs=(logging.getLogger().level, os.getpid()))
+    try:
+        futures = {pool.schedule(fn, args=(j,), timeout=timeout): j for j in jobs}
+        for fut in as_completed(futures):
+            job = futures[fut]
+            try:
+                record(fut.result())
+            except FutureTimeout:
+                record({"slide_id": job.slide_id, "path": str(job.path), "status": "failed",
+                        "seconds": timeout, "error": f"still running after --slide-timeout "
+                        f"{timeout:g} s: stopped (its worker was replaced); a file that "
+                        "lies about its size, or raise --slide-timeout for huge slides"})
+            except ProcessExpired:
+                crashed.append(job)
+    except BaseException:
+        pool.stop()  # interrupted: no worker goes on with its slide
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
     return crashed
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, parent: int) -> None:
+    exit_with_parent(parent)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+#: seconds between a worker's checks that its parent is alive
+PARENT_POLL = 0.5
+
+
+def exit_with_parent(parent: int) -> None:
+    """In a worker process (tile workers, readers, device processes) started by process
+    `parent`: end it as soon as that parent is gone. A main process killed with SIGKILL runs
+    no cleanup, and its workers would otherwise live on (holding memory and shared-memory
+    slots) with nobody to serve. A thread polls the parent's pid, which works whatever
+    thread started the worker; the pid comes from the parent, since the parent may already
+    be gone while a worker is still importing."""
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

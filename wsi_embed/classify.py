@@ -73,7 +73,7 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
     device = pick_device(cfg.device)
     model, _ = load_model(cfg.model, device)
     spec = model.spec
-    fs = scan_features(cfg.features)
+    fs = scan_features(cfg.features, lenient=True)
     check_compatible(spec, fs, cfg.features)
     slides = _slide_paths(cfg.slides) if cfg.slides else {}
     layout = OutputLayout(cfg.out)
@@ -84,7 +84,9 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
     columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in spec.classes),
                "status", "error"]
     with RunReport(layout.predictions, columns, "classify") as report:
-        report.expect(len(fs.metas))
+        report.expect(sorted({*fs.metas, *fs.unreadable}))
+        for sid, why in sorted(fs.unreadable.items()):
+            report.add({"slide_id": sid, "status": "failed", "error": why})
         for sid in sorted(fs.metas):
             row = {"slide_id": sid, "n_patches": fs.metas[sid].n}
             try:

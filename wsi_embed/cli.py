@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 import typer
@@ -36,6 +37,12 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Redo slides whose outputs e
 SHARD = typer.Option(None, "--shard", help="i/n: process the i-th of n deterministic shares.")
 NUM_WORKERS = typer.Option(min(8, os.cpu_count() or 1), "--num-workers",
                            help="Worker processes (0 = in the main process).")
+MAX_PLAIN_PIXELS = typer.Option(500_000_000, "--max-plain-pixels",
+                                help="Largest non-pyramidal image (PNG, TIFF in strips) to "
+                                     "decode whole; larger ones fail with the fix.")
+SLIDE_TIMEOUT = typer.Option(1800.0, "--slide-timeout",
+                             help="Seconds one slide may take before it fails and its worker "
+                                  "is replaced (worker processes only).")
 
 
 def _setup_logging(level: str) -> None:
@@ -43,15 +50,32 @@ def _setup_logging(level: str) -> None:
                         format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
+#: the exit code of a run stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report it)
+INTERRUPTED = 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _command(fn):
-    """A command whose expected errors end it with their one line and their exit code."""
+    """A command whose expected errors end it with their one line and their exit code, and
+    that a SIGTERM (a scheduler's time limit, `kill`) stops as cleanly as Ctrl-C: outputs in
+    progress removed, the reports saying which slides were not done, exit code 130."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
         except WsiEmbedError as e:
             typer.echo(f"Error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt as e:
+            typer.echo(f"Interrupted ({e.args[0] if e.args else 'SIGINT'}): finished slides "
+                       "are kept; rerun the same command to do the rest", err=True)
+            raise typer.Exit(INTERRUPTED) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return app.command()(run)
 
@@ -123,6 +147,12 @@ def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size
     return params
 
 
+def _timeout(seconds: float) -> float:
+    if not seconds > 0:
+        raise UsageError(f"--slide-timeout {seconds:g}: give a positive number of seconds")
+    return seconds
+
+
 def _finish(report) -> None:
     """Log the run's summary; exit code 1 when any slide failed."""
     if report.counts["failed"]:
@@ -138,6 +168,7 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
          patch_size: int = PATCH_SIZE, overlap: int = OVERLAP, min_tissue: float = MIN_TISSUE,
          slide_mpp: float = SLIDE_MPP, tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
          overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
+         slide_timeout: float = SLIDE_TIMEOUT, max_plain_pixels: int = MAX_PLAIN_PIXELS,
          log_level: str = LOG_LEVEL) -> None:
     """Find tissue and lay a grid of patches at a physical resolution."""
     from .tiling import TileConfig, tile_slides
@@ -146,8 +177,9 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask, slide_mpp)
-    _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite),
-                        num_workers))
+    _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite,
+                                         max_plain_pixels), num_workers,
+                        _timeout(slide_timeout)))
 
 
 @_command
@@ -200,6 +232,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             min_tissue: float = MIN_TISSUE, slide_mpp: float = SLIDE_MPP,
             tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
             overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
+            slide_timeout: float = SLIDE_TIMEOUT, max_plain_pixels: int = MAX_PLAIN_PIXELS,
             log_level: str = LOG_LEVEL) -> None:
     """Per-patch embeddings with a pathology encoder (tiles slides that have no coords)."""
     from .devices import parse_devices
@@ -218,11 +251,14 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask, slide_mpp)
-    tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False)
+    tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False,
+                          max_plain_pixels=max_plain_pixels)
     cfg = ExtractConfig(out=out, encoder=encoder, weights=weights, device=device,
                         batch_size=batch_size, num_workers=num_workers, precision=precision,
                         dtype=dtype, compile=compile, overwrite=overwrite, reader=reader,
-                        decode=decode, devices=device_list)
+                        decode=decode, devices=device_list,
+                        slide_timeout=_timeout(slide_timeout),
+                        max_plain_pixels=max_plain_pixels)
     remove_stale_tmp(cfg.layout.features_dir(encoder))
     with RunReport(cfg.layout.extract_report(encoder), EXTRACT_COLUMNS,
                    f"extract {encoder}") as report:

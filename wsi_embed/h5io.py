@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .claims import pid_alive
 from .errors import FeatureFileError, OutputError
 
 log = logging.getLogger(__name__)
@@ -47,20 +49,13 @@ def remove_stale_tmp(folder: Path) -> int:
     removed = 0
     for p in folder.glob(f".*{TMP_SUFFIX}*"):
         m = mine.fullmatch(p.name)
-        if m and not _pid_alive(int(m.group(2))):
-            p.unlink(missing_ok=True)
+        if m and not pid_alive(int(m.group(2))):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -292,6 +287,10 @@ def _features_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
             if len(shape) != 2:
                 raise FeatureFileError(f"{path}: dataset {key!r} has shape {ds.shape}, "
                                        "expected (patches, dim)")
+            if ds.dtype.kind != "f":
+                raise FeatureFileError(f"{path}: dataset {key!r} holds {ds.dtype} values, not "
+                                       "embeddings (float16/float32); re-extract this slide "
+                                       "with `wsi-embed extract`")
             return ds
     raise FeatureFileError(f"{path}: no 'features' (wsi-embed, CLAM, TRIDENT) or 'feats' "
                            "(STAMP) dataset; is this a coords file? Run `wsi-embed extract`.")

@@ -23,10 +23,10 @@ def slide_id_problem(slide_id: str) -> str | None:
     """Why `slide_id` cannot name a file of its own, or None when it can."""
     if not slide_id or not slide_id.strip():
         return "it is empty"
-    if slide_id in (".", "..") or slide_id.startswith("."):
-        return "it starts with '.' (hidden or relative names are not slide ids)"
     if "/" in slide_id or "\\" in slide_id:
         return "it holds a path separator ('/' or '\\'); an id is one file name"
+    if slide_id.startswith("."):
+        return "it starts with '.' (hidden or relative names are not slide ids)"
     if _CONTROL.search(slide_id):
         return "it holds a control character"
     if len(slide_id.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:

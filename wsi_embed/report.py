@@ -2,27 +2,41 @@
 that set the exit code, the log line for each slide, and progress (a tqdm bar on a terminal,
 periodic log lines otherwise).
 
-The CSV is written row by row to a hidden temporary file and renamed into place by `close`,
-so a report under its final name is always a finished one.
+Reports survive shards, concurrent runs and interruptions:
+- each run writes its own report, `OUT/reports/<name>-<time>-<host>-<pid>.running.csv`, row
+  by row; it is renamed `….csv` when the run ends, or `….interrupted.csv` (with a row for
+  every slide it did not finish) when it is interrupted or stopped by an error; a killed run
+  leaves its `.running.csv` with every slide it finished;
+- the report under the command's usual name (`tile_report.csv`, `extract_report_<encoder>.csv`,
+  `predictions.csv`) is a merged view, rebuilt from every run's report when a run ends: each
+  slide's latest status (a later "skipped" or "interrupted" does not hide an earlier "ok").
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from .h5io import tmp_path
+from .errors import WsiEmbedError, one_line
+from .h5io import atomic_file, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "skipped", "failed")
+STATUSES = ("ok", "skipped", "failed", "interrupted")
 #: seconds between progress lines when there is no terminal to draw a bar on
 LOG_EVERY = 30.0
+RUNNING, INTERRUPTED = ".running.csv", ".interrupted.csv"
+
+
+class ReportError(WsiEmbedError):
+    """The run report cannot be written: the run stops (what is finished stays)."""
 
 
 def progress_bar(total: int, desc: str, unit: str = "slide", leave: bool = True):
@@ -41,31 +55,51 @@ def slide_row(job, status: str, t0: float, **kw) -> dict:
 
 
 class RunReport:
-    """Rows, counts, logging and progress of one command's run over a batch of slides."""
+    """Rows, counts, logging and progress of one command's run over a batch of slides;
+    `merged` is the report's usual path (the merged view of every run)."""
 
-    def __init__(self, path: Path, columns: list[str], desc: str):
-        self.path, self.columns, self.desc = path, columns, desc
-        self.tmp = tmp_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.tmp, "w", newline="")
-        self._w = csv.DictWriter(self._fh, columns, extrasaction="ignore")
-        self._w.writeheader()
+    def __init__(self, merged: Path, columns: list[str], desc: str):
+        self.path, self.columns, self.desc = merged, columns, desc
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        self.run_dir = merged.parent / "reports"
+        self.run_path = self.run_dir / (f"{merged.stem}-{stamp}-{socket.gethostname()}-"
+                                        f"{os.getpid()}{RUNNING}")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(merged.parent)  # merged views of killed runs
+            self._fh = open(self.run_path, "w", newline="")
+            self._w = csv.DictWriter(self._fh, columns, extrasaction="ignore")
+            self._w.writeheader()
+            self._fh.flush()
+        except OSError as e:
+            raise ReportError(f"cannot write the run report {self.run_path}: {e}") from None
         self.rows: list[dict] = []
         self.counts = dict.fromkeys(STATUSES, 0)
         self._lock = threading.Lock()
-        self._slides = 0  # expected rows, for progress
+        self._expected: list[str] = []  # slide ids, for progress and interrupted rows
         self._bar = None
         self._patches = self._patches_done = 0
         self._t0 = self._next_log = 0.0
+        self.closed = False
 
     # -- progress --------------------------------------------------------------------------
-    def expect(self, slides: int, patches: int = 0) -> None:
-        """Start progress over `slides` slides, counted in patches when `patches` > 0."""
-        self._slides, self._patches = slides, patches
+    def expect(self, slide_ids: list[str]) -> None:
+        """The slides this run will report on (progress counts them)."""
+        self._expected = list(slide_ids)
+        self._start_progress()
+
+    def expect_patches(self, patches: int) -> None:
+        """Progress counted in patches from now on (extract)."""
+        self._patches = patches
+        self._start_progress()
+
+    def _start_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
         self._t0 = time.perf_counter()
         self._next_log = self._t0 + LOG_EVERY
-        self._bar = progress_bar(patches or slides, self.desc,
-                                 unit="patch" if patches else "slide")
+        self._bar = progress_bar(self._patches or len(self._expected), self.desc,
+                                 unit="patch" if self._patches else "slide")
 
     def advance(self, patches: int) -> None:
         """`patches` more patches are done (extract's progress)."""
@@ -77,7 +111,7 @@ class RunReport:
                 self._next_log = time.perf_counter() + LOG_EVERY
                 secs = time.perf_counter() - self._t0
                 log.info("%s: %d/%d slides, %d/%d patches, %.0f patches/s", self.desc,
-                         self._done(), self._slides, self._patches_done, self._patches,
+                         self._done(), len(self._expected), self._patches_done, self._patches,
                          self._patches_done / secs if secs > 0 else 0.0)
 
     def _done(self) -> int:
@@ -90,8 +124,13 @@ class RunReport:
             status = row.get("status", "failed")
             self.counts[status if status in self.counts else "failed"] += 1
             self.rows.append(row)
-            self._w.writerow(row)
-            self._fh.flush()
+            try:
+                self._w.writerow(row)
+                self._fh.flush()
+            except OSError as e:
+                raise ReportError(f"cannot write the run report {self.run_path} ({e}): the run "
+                                  "stops here; finished slides are kept, free space and "
+                                  "rerun to do the rest") from None
             sid = row.get("slide_id", "?")
             if status == "failed":
                 log.error("%s failed: %s", sid, row.get("error", ""))
@@ -99,30 +138,98 @@ class RunReport:
                 log.warning("%s: %s", sid, row["warning"])
             if self._bar is not None:
                 if self._patches:
-                    self._bar.set_postfix_str(f"slides {self._done()}/{self._slides}")
+                    self._bar.set_postfix_str(f"slides {self._done()}/{len(self._expected)}")
                 else:
                     self._bar.update(1)
             else:
-                log.info("[%d/%d] %s %s (%ss)", self._done(), self._slides or self._done(),
-                         sid, status, row.get("seconds", ""))
+                log.info("[%d/%d] %s %s (%ss)", self._done(),
+                         max(len(self._expected), self._done()), sid, status,
+                         row.get("seconds", ""))
 
-    def close(self) -> None:
-        """Rename the finished report into place (once; later calls do nothing)."""
+    def close(self, stopped_by: str | None = None) -> None:
+        """End the run's report (with a row for each unfinished slide when the run was
+        `stopped_by` something) and rebuild the merged view. Once; later calls do nothing."""
         with self._lock:
+            if self.closed:
+                return
+            self.closed = True
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            if not self._fh.closed:
-                self._fh.close()
-                os.replace(self.tmp, self.path)
+        if stopped_by:
+            done = {r.get("slide_id") for r in self.rows}
+            for sid in self._expected:
+                if sid not in done:
+                    self.add({"slide_id": sid, "status": "interrupted",
+                              "error": f"the run was stopped ({stopped_by}) before this "
+                                       "slide was done; rerun to resume"})
+        self._fh.close()
+        final = self.run_path.name[: -len(RUNNING)] + (INTERRUPTED if stopped_by else ".csv")
+        os.replace(self.run_path, self.run_path.with_name(final))
+        self.run_path = self.run_path.with_name(final)
+        write_merged(self.path, self.columns)
 
     def __enter__(self) -> RunReport:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted")
+        else:
+            self.close(f"stopped by an error: {one_line(exc)[:200]}")
 
     def summary(self) -> str:
         c = self.counts
         return (f"{self._done()} slides: {c['ok']} done, {c['skipped']} already done, "
-                f"{c['failed']} failed; report: {self.path}")
+                f"{c['failed']} failed; report: {self.path} (this run: {self.run_path.name})")
+
+
+# -- the merged view -------------------------------------------------------------------------
+def run_reports(merged: Path) -> list[Path]:
+    """Every run's report behind `merged`, oldest first (names start with their UTC time)."""
+    folder = merged.parent / "reports"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"{merged.stem}-*.csv")
+                  if p.name[len(merged.stem) + 1:][:1].isdigit())
+
+
+def merge_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """Each slide's latest row over the run reports `paths` (oldest first), and the columns
+    they hold. A later "skipped" (done before) or "interrupted" does not hide an "ok"."""
+    latest: dict[str, dict] = {}
+    columns: list[str] = []
+    for p in paths:
+        try:
+            with open(p, newline="") as fh:
+                reader = csv.DictReader(fh)
+                columns += [c for c in reader.fieldnames or [] if c not in columns]
+                rows = list(reader)
+        except (OSError, csv.Error):
+            continue
+        for r in rows:
+            sid, status = r.get("slide_id"), r.get("status")
+            if not sid or status not in STATUSES:  # a row being written, or damage
+                continue
+            prev = latest.get(sid)
+            if prev is not None and prev["status"] == "ok" and status in ("skipped",
+                                                                           "interrupted"):
+                continue
+            latest[sid] = {**r, "run": p.name}
+    return [latest[k] for k in sorted(latest)], columns + ["run"]
+
+
+def write_merged(merged: Path, columns: list[str]) -> None:
+    """Rebuild the merged view (atomically: a concurrent run rebuilding it too loses
+    nothing, as each reads every run's report)."""
+    rows, have = merge_rows(run_reports(merged))
+    cols = columns + [c for c in have if c not in columns]
+    try:
+        with atomic_file(merged) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    except OSError as e:
+        raise ReportError(f"cannot write the merged report {merged}: {e}") from None

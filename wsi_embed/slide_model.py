@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ModelError
+from .errors import ModelError, one_line
 from .h5io import atomic_file
 from .heads import HeadOutput, build_head
 
@@ -66,8 +66,13 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[SlideMod
         raise ModelError(f"{path}: not a readable model file ({e})") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path}: not a wsi-embed model (format {MODEL_FORMAT!r} expected)")
-    model = SlideModel(ModelSpec(**blob["spec"]))
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model = SlideModel(ModelSpec(**blob["spec"]))
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: its description does not fit its weights ({one_line(e)[:300]});"
+                         " the file was edited or damaged: use the model.pt `wsi-embed train` "
+                         "wrote, or train again") from None
     return model.to(device).eval(), blob
 
 

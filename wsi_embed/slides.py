@@ -20,8 +20,15 @@ MPP_TOLERANCE = 0.02
 #: Plausible level-0 MPP for a brightfield or fluorescence WSI; outside it the metadata is
 #: treated as absent (a 72 dpi TIFF default is ~353 µm/px, not a scan resolution).
 PLAUSIBLE_MPP = (0.05, 20.0)
-#: Plain images are decoded whole into memory; refuse larger ones instead of swapping.
-MAX_PLAIN_PIXELS = 40_000 * 40_000
+#: Plain images are decoded whole into memory; larger ones are refused (--max-plain-pixels)
+#: rather than swapping: 500 M px is 1.5 GB of RGB.
+MAX_PLAIN_PIXELS = 500_000_000
+#: A thumbnail is made from the pyramid level nearest its scale; a level larger than this
+#: (a slide without a pyramid, or whose header lies about its size) is not read whole.
+MAX_THUMBNAIL_SOURCE_PIXELS = 1 << 30
+#: Declared pixels per stored byte beyond which a file lies about its size: a blank image
+#: compresses about 1000:1, a header claiming 39,000 x 39,000 px in 5 KB is 300,000:1.
+MAX_PIXELS_PER_BYTE = 10_000
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -210,9 +217,14 @@ def dicom_series_uid(path: Path) -> str | None:
         return None
 
 
-def open_slide(path: str | os.PathLike) -> Slide:
-    """Open with OpenSlide, else as a plain (non-pyramidal) image; SlideError if neither."""
+def open_slide(path: str | os.PathLike, max_plain_pixels: int | None = MAX_PLAIN_PIXELS
+               ) -> Slide:
+    """Open with OpenSlide, else as a plain (non-pyramidal) image (decoded whole, refused
+    above `max_plain_pixels`); SlideError if neither."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise SlideError(f"{path}: a symbolic link to nothing (its target is missing, or the "
+                         "links form a loop); fix or remove the link")
     if not path.is_file():
         raise SlideError(f"{path}: no such file")
     hint = UNSUPPORTED_HINTS.get(path.suffix.lower())
@@ -223,11 +235,16 @@ def open_slide(path: str | os.PathLike) -> Slide:
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        return _open_plain(path)
+        return _open_plain(path, max_plain_pixels)
     except openslide.OpenSlideError as e:
         raise SlideError(f"{path}: OpenSlide cannot read it ({e}); the file may be corrupt or "
                          "truncated") from e
     props = dict(handle.properties)
+    if props.get("openslide.vendor") == "generic-tiff":
+        why = multiplex_problem(path)
+        if why:
+            handle.close()
+            raise SlideError(why)
     mpp, source = mpp_from_properties(props)
     return Slide(
         path=path,
@@ -245,9 +262,9 @@ def open_slide(path: str | os.PathLike) -> Slide:
     )
 
 
-def _open_plain(path: Path) -> Slide:
+def _open_plain(path: Path, max_pixels: int | None) -> Slide:
     """Fallback for ordinary images (stripped TIFF, PNG, JPEG): one level, held in memory."""
-    pixels, props = read_plain_image(path)
+    pixels, props = read_plain_image(path, max_pixels)
     mpp, source = mpp_from_properties(props)
     h, w = pixels.shape[:2]
     return Slide(path=path, vendor="plain-image", width=w, height=h, level_dims=[(w, h)],
@@ -255,20 +272,47 @@ def _open_plain(path: Path) -> Slide:
                  objective_power=None, properties=props, _pixels=pixels)
 
 
-def read_plain_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str]]:
+def multiplex_problem(path: Path) -> str | None:
+    """Why a TIFF is no brightfield slide: several full-size grey-level pages are the
+    channels of a multiplex (fluorescence) image, of which OpenSlide would read the first."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            first = tf.pages[0]
+            if first.samplesperpixel != 1:
+                return None
+            channels = sum(1 for p in tf.pages if p.shape[:2] == first.shape[:2]
+                           and p.samplesperpixel == 1)
+    except (tifffile.TiffFileError, OSError, IndexError):
+        return None
+    if channels < 2:
+        return None
+    return (f"{path}: a multiplex image of {channels} grey-level channels (e.g. Akoya "
+            "qptiff), of which only the first would be read; the encoders take RGB "
+            "brightfield images: export an RGB composite (e.g. from QuPath) and use that")
+
+
+def read_plain_image(path: str | os.PathLike, max_pixels: int | None = MAX_PLAIN_PIXELS
+                     ) -> tuple[np.ndarray, dict[str, str]]:
     """The RGB uint8 pixels of a non-pyramidal image, decoded whole, and its resolution tags
-    as OpenSlide-style properties; SlideError when it cannot be read or is too large."""
+    as OpenSlide-style properties. SlideError, before anything is decoded, when the file
+    cannot hold the size it declares or the image is larger than `max_pixels`."""
     import tifffile
 
     path = Path(path)
     props: dict[str, str] = {}
     try:
-        with tifffile.TiffFile(path) as tif:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # noqa: BLE001 - not a TIFF: PNG, JPEG, ... below
+        tif = None
+    if tif is not None:
+        with tif:
             page = tif.pages[0]
-            n = page.shape[0] * page.shape[1] if len(page.shape) >= 2 else 0
-            if n > MAX_PLAIN_PIXELS:
-                raise SlideError(f"{path}: a non-pyramidal image of {n} px is too large to load; "
-                                 "convert it to a tiled pyramidal TIFF")
+            h, w = page.shape[:2] if len(page.shape) >= 2 else (0, 0)
+            _check_plain_size(path, w, h, max_pixels, sum(page.databytecounts),
+                              max((o + c for o, c in zip(page.dataoffsets, page.databytecounts,
+                                                         strict=True)), default=0))
             pixels = page.asarray()
             tags = page.tags
             if "XResolution" in tags and "ResolutionUnit" in tags:
@@ -276,17 +320,43 @@ def read_plain_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str
                 props["tiff.XResolution"] = str(num / den if den else 0)
                 unit = tags["ResolutionUnit"].value
                 props["tiff.ResolutionUnit"] = {2: "inch", 3: "centimeter"}.get(int(unit), "none")
-    except SlideError:
-        raise
-    except Exception:
+    else:
         import cv2
+        from PIL import Image, UnidentifiedImageError
 
-        pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        try:
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+        except (UnidentifiedImageError, OSError):
+            w = h = 0
+        if w and h:
+            _check_plain_size(path, w, h, max_pixels, path.stat().st_size, 0)
+        pixels = cv2.imread(str(path), cv2.IMREAD_COLOR) if w and h else None
         if pixels is None:
             raise SlideError(f"{path}: not a slide or image format that OpenSlide, tifffile or "
                              "OpenCV can read (unsupported or corrupt file)") from None
         pixels = pixels[..., ::-1]
     return np.ascontiguousarray(_to_rgb8(pixels, path)), props
+
+
+def _check_plain_size(path: Path, w: int, h: int, max_pixels: int | None, stored: int,
+                      data_end: int) -> None:
+    """Refuse, before decoding, an image whose file cannot hold what it declares, or one
+    larger than `max_pixels` (decoded whole, it would take 3 bytes a pixel of memory)."""
+    n = w * h
+    size = path.stat().st_size
+    if data_end > size:
+        raise SlideError(f"{path}: its image data runs to byte {data_end} but the file has "
+                         f"{size} bytes (truncated or damaged file)")
+    if n > MAX_PIXELS_PER_BYTE * max(stored, 1):
+        raise SlideError(f"{path}: declares {w} x {h} px but holds only {stored} bytes of "
+                         "image data: the file lies about its size (damaged or crafted)")
+    if max_pixels is not None and n > max_pixels:
+        raise SlideError(f"{path}: a non-pyramidal image of {w} x {h} px would be decoded whole "
+                         f"({3 * n / 2**30:.1f} GiB of memory), more than --max-plain-pixels "
+                         f"{max_pixels}; convert it to a tiled pyramidal TIFF (e.g. `vips "
+                         "tiffsave in.tif out.tif --tile --pyramid --compression jpeg`) or "
+                         "raise --max-plain-pixels")
 
 
 def _to_rgb8(a: np.ndarray, path: Path) -> np.ndarray:
@@ -336,6 +406,13 @@ def read_thumbnail(slide: Slide, downsample: float, chunk: int = 4096) -> np.nda
     fine = [i for i, d in enumerate(slide.level_downsamples) if d <= downsample * 1.001]
     level = max(fine, key=lambda i: slide.level_downsamples[i]) if fine else 0
     lw, lh = slide.level_dims[level]
+    if lw * lh > MAX_THUMBNAIL_SOURCE_PIXELS:
+        raise SlideError(
+            f"{slide.path}: the coarsest level to make a thumbnail from is {lw} x {lh} px "
+            f"(a {slide.path.stat().st_size / 2**20:.1f} MB file): no pyramid to read it "
+            "from in reasonable time, or a header that lies about the size. Re-save it as "
+            "a pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid "
+            "--compression jpeg`)")
     ld = float(slide.level_downsamples[level])
     scale = ld / downsample  # level px -> thumbnail px
     thumb = np.full((out_h, out_w, 3), 255, np.uint8)

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from . import h5io
-from .batch import SlideJob, run_batch
+from .batch import SLIDE_TIMEOUT, SlideJob, run_batch
+from .claims import claim
 from .errors import SlideError, describe_error, one_line
 from .layout import OutputLayout
 from .report import RunReport, slide_row
-from .slides import PatchGeometry, Slide, open_slide, read_thumbnail
+from .slides import MAX_PLAIN_PIXELS, PatchGeometry, Slide, open_slide, read_thumbnail
 from .tissue import (
     TissueMask,
     TissueParams,
@@ -197,6 +198,7 @@ class TileConfig:
     slide_mpp: float | None = None
     tissue_mask: Path | None = None  # a file (one slide) or a folder of <slide_id>.png/.geojson
     overwrite: bool = False
+    max_plain_pixels: int | None = MAX_PLAIN_PIXELS
 
     @property
     def layout(self) -> OutputLayout:
@@ -217,14 +219,25 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
     """Tile one slide into cfg.out; every error becomes a failed report row."""
     t0 = time.perf_counter()
     try:
-        status = h5io.resume_status(cfg.layout.coords(job.slide_id), h5io.COORDS_SCHEMA,
-                                    cfg.params.root_attrs(), cfg.overwrite)
+        coords_file = cfg.layout.coords(job.slide_id)
+        status = h5io.resume_status(coords_file, h5io.COORDS_SCHEMA, cfg.params.root_attrs(),
+                                    cfg.overwrite)
         if status:
             return slide_row(job, status, t0)
-        with open_slide(job.path) as slide:
-            resolve_mpp(slide, job, cfg.slide_mpp)
-            res = tile_open_slide(slide, job.slide_id, cfg.params, cfg.mask_for(job.slide_id))
-            write_tile_outputs(cfg.layout, job.slide_id, slide, res, cfg.params)
+        held = claim(coords_file)
+        if isinstance(held, str):
+            return slide_row(job, "skipped", t0, warning=held)
+        try:
+            if h5io.resume_status(coords_file, h5io.COORDS_SCHEMA, cfg.params.root_attrs(),
+                                  cfg.overwrite):  # finished by another run meanwhile
+                return slide_row(job, "skipped", t0)
+            with open_slide(job.path, cfg.max_plain_pixels) as slide:
+                resolve_mpp(slide, job, cfg.slide_mpp)
+                res = tile_open_slide(slide, job.slide_id, cfg.params,
+                                      cfg.mask_for(job.slide_id))
+                write_tile_outputs(cfg.layout, job.slide_id, slide, res, cfg.params)
+        finally:
+            held.release()
         warning = res.mask.warning
         if len(res.coords) == 0:
             warning = (warning + "; " if warning else "") + "no tissue patches: empty coords file"
@@ -239,12 +252,13 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
         return slide_row(job, "failed", t0, error=describe_error(e))
 
 
-def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int) -> RunReport:
+def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int,
+                timeout: float | None = SLIDE_TIMEOUT) -> RunReport:
     """Tile `jobs` into cfg.out (coords, thumbnails, tile_report.csv): the `tile` command's
     work, also run by `extract` for slides that have no coords yet."""
     layout = cfg.layout
     for folder in (layout.coords_dir, layout.thumbnails_dir):
         h5io.remove_stale_tmp(folder)
     with RunReport(layout.tile_report, TILE_COLUMNS, "tile") as report:
-        run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers)
+        run_batch(jobs, functools.partial(run_tile_job, cfg), report, num_workers, timeout)
     return report

@@ -147,7 +147,9 @@ def mask_from_file(path: Path, shape: tuple[int, int], downsample: float) -> Tis
         except (OSError, ValueError) as e:
             raise SlideError(f"{path}: cannot read GeoJSON tissue mask ({e})") from e
         m = np.zeros((h, w), np.uint8)
-        for rings in _polygons(data, path):
+        size0 = (w * downsample, h * downsample)
+        for k, rings in enumerate(_polygons(data, path)):
+            rings = [_checked_ring(r, path, k, size0) for r in rings]
             outer, holes = rings[0], rings[1:]
             cv2.fillPoly(m, [_ring_px(outer, downsample)], 1)
             for hole in holes:
@@ -161,8 +163,40 @@ def mask_from_file(path: Path, shape: tuple[int, int], downsample: float) -> Tis
     return TissueMask(tissue, np.zeros_like(tissue), downsample, f"mask:{path.name}")
 
 
-def _ring_px(ring: list, downsample: float) -> np.ndarray:
-    return np.round(np.asarray(ring, np.float64)[:, :2] / downsample).astype(np.int32)
+#: how far (as a fraction of the slide's size) a mask polygon may reach past the slide's edge
+MASK_MARGIN = 0.1
+
+
+def _checked_ring(ring, path: Path, k: int, size0: tuple[float, float]) -> np.ndarray:
+    """A polygon ring as (n, 2) level-0 px, or SlideError naming the mask file and why: a
+    ring must have 3 or more finite vertices enclosing an area, within MASK_MARGIN of the
+    slide (coordinates far outside mean another slide's mask, or µm instead of px)."""
+    where = f"{path}: polygon {k}"
+    try:
+        a = np.asarray(ring, np.float64)
+    except (TypeError, ValueError):
+        raise SlideError(f"{where}: coordinates are not numbers") from None
+    if a.ndim != 2 or a.shape[1] < 2 or len(a) < 3:
+        raise SlideError(f"{where}: a ring needs at least 3 [x, y] vertices")
+    a = a[:, :2]
+    if not np.isfinite(a).all():
+        raise SlideError(f"{where}: a vertex is not finite (NaN or infinite)")
+    w, h = size0
+    mx, my = MASK_MARGIN * w, MASK_MARGIN * h
+    if (a[:, 0].min() < -mx or a[:, 0].max() > w + mx or a[:, 1].min() < -my
+            or a[:, 1].max() > h + my):
+        raise SlideError(f"{where}: vertices span x {a[:, 0].min():.4g}..{a[:, 0].max():.4g}, "
+                         f"y {a[:, 1].min():.4g}..{a[:, 1].max():.4g}, outside the slide "
+                         f"({w:.0f} x {h:.0f} level-0 px); is it another slide's mask, or in "
+                         "µm instead of level-0 pixels?")
+    x, y = a[:, 0], a[:, 1]
+    if abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) < 1e-9:
+        raise SlideError(f"{where}: the ring encloses no area")
+    return a
+
+
+def _ring_px(ring: np.ndarray, downsample: float) -> np.ndarray:
+    return np.round(ring / downsample).astype(np.int32)
 
 
 def _polygons(data: dict, path: Path) -> list[list]:

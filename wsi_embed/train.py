@@ -6,10 +6,14 @@ Reproducible: the same seed, data and device give the same metrics.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +31,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from .bags import BagStore, FeatureSet, feature_stats
 from .devices import pick_device
 from .errors import TrainError
-from .h5io import atomic_file
+from .h5io import atomic_file, remove_stale_tmp, tmp_path
 from .heads import HEADS
+from .layout import slide_id_problem
 from .report import progress_bar
 from .slide_model import ModelSpec, SlideModel, predict_bag, save_model
 
@@ -74,27 +79,62 @@ def _class_order(labels: list[str]) -> list[str]:
         return uniq
 
 
+#: cells that mean "no value" in the CSVs people export (pandas' default NA strings)
+MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+           "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+def normalise_label(label: str) -> str:
+    """Numbers are compared as numbers: "0", "0.0" and "+0" are one class, "0"."""
+    try:
+        x = float(label)
+    except ValueError:
+        return label
+    if not math.isfinite(x):
+        return label
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip() for c in reader.fieldnames or []]
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except UnicodeDecodeError as e:
+        raise TrainError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                         "UTF-8, e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`") from None
+    except csv.Error as e:
+        raise TrainError(f"{path}: not a readable CSV ({e})") from None
+    return cols, rows
+
+
 def read_labels(path: Path, fs: FeatureSet) -> LabelTable:
     """The labelled slides that have features (with non-empty bags). Slides without features
-    are listed in a warning and skipped; features without labels are counted and ignored."""
+    are listed in a warning and skipped; features without labels are counted and ignored;
+    missing labels (empty, NA, NaN, ...) are dropped with a warning naming their lines."""
     if not path.is_file():
         raise TrainError(f"--labels {path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("slide_id", "label") if c not in cols]
-        if missing:
-            raise TrainError(f"{path}: no {' or '.join(repr(c) for c in missing)} column "
-                             f"(columns: {', '.join(cols) or 'none'}); expected "
-                             "slide_id,label[,patient_id][,split]")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    cols, rows = _read_csv_rows(path)
+    missing = [c for c in ("slide_id", "label") if c not in cols]
+    if missing:
+        raise TrainError(f"{path}: no {' or '.join(repr(c) for c in missing)} column "
+                         f"(columns: {', '.join(cols) or 'none'}); expected "
+                         "slide_id,label[,patient_id][,split]")
     has_split = "split" in cols
     seen: dict[str, str] = {}
-    no_features, empty, kept = [], [], []
+    no_features, empty, kept, unlabelled_rows = [], [], [], []
     for i, r in enumerate(rows, start=2):
-        sid, label = r["slide_id"], r["label"]
-        if not sid or not label:
-            raise TrainError(f"{path} line {i}: empty slide_id or label")
+        sid = r["slide_id"]
+        if not sid:
+            raise TrainError(f"{path} line {i}: empty slide_id")
+        why = slide_id_problem(sid)
+        if why:
+            raise TrainError(f"{path} line {i}: slide id {sid!r} is not usable: {why}")
+        if r["label"] in MISSING:
+            unlabelled_rows.append(i)
+            continue
+        label = r["label"] = normalise_label(r["label"])
         if sid in seen:
             if seen[sid] != label:
                 raise TrainError(f"{path}: slide {sid!r} has two labels "
@@ -107,6 +147,10 @@ def read_labels(path: Path, fs: FeatureSet) -> LabelTable:
             empty.append(sid)
         else:
             kept.append(r)
+    if unlabelled_rows:
+        log.warning("%s: %d rows have no label (empty or NA) and are left out: lines %s%s",
+                    path, len(unlabelled_rows), ", ".join(map(str, unlabelled_rows[:10])),
+                    " ..." if len(unlabelled_rows) > 10 else "")
     if no_features:
         log.warning("%d labelled slides have no features file and are skipped: %s%s",
                     len(no_features), ", ".join(no_features[:10]),
@@ -308,20 +352,50 @@ def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
     t = read_labels(labels, fs)
     splits = make_splits(t, cfg.folds, cfg.seed)
     device = pick_device(cfg.device)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    with model_folder(cfg.out) as work:
+        return _train_into(work, fs, labels, cfg, t, splits, device)
+
+
+@contextlib.contextmanager
+def model_folder(final: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside `final`, renamed to `final` once everything is in it:
+    `classify` never finds a model folder with a model.pt but no metrics (a run that died in
+    between), and a rerun redoes a half-written folder. A folder already at `final` (only
+    there with --overwrite, or without a model.pt) is replaced."""
+    final = final.absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(final.parent)  # folders of killed runs
+    work = tmp_path(final)
+    work.mkdir()
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = tmp_path(final).with_name(tmp_path(final).name + ".old")
+        os.replace(final, old)
+    os.replace(work, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: LabelTable,
+                splits: list[dict[str, list[str]]], device) -> dict:
     spec = ModelSpec(cfg.head, fs.dim, t.classes, fs.encoder, fs.weights, cfg.dropout)
     store = BagStore({s: fs.metas[s] for s in t.slide_ids}, int(cfg.cache_gb * 2**30))
     label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
-    _write_json(cfg.out / "config.json", {**asdict(cfg), "labels": str(labels),
+    _write_json(out / "config.json", {**asdict(cfg), "labels": str(labels),
                                           "model": asdict(spec),
                                           "n_slides": len(t.slide_ids)})
-    _write_json(cfg.out / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
+    _write_json(out / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
     log.info("%d slides, classes %s, %d fold(s), head %s on %s", len(t.slide_ids),
              t.classes, len(splits), cfg.head, device)
     per_fold, fits, oof = [], [], []
     for k, split in enumerate(splits):
         model, info = fit(store, split, t, spec, cfg, cfg.seed + k, device, f"fold {k}")
-        fold_dir = cfg.out / "folds" / f"fold_{k}"
+        fold_dir = out / "folds" / f"fold_{k}"
         save_model(fold_dir / "model.pt", model, {"fold": k})
         eval_ids = split["test"] or split["val"]
         probs = predict_ids(model, store, eval_ids, device)
@@ -335,7 +409,7 @@ def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
         fits.append(info)
         log.info("fold %d: AUC %.3f, balanced accuracy %.3f (best epoch %d)", k, m["auc"],
                  m["balanced_accuracy"], info["best_epoch"])
-    write_predictions(cfg.out / "oof_predictions.csv", [o[1] for o in oof],
+    write_predictions(out / "oof_predictions.csv", [o[1] for o in oof],
                       np.array([o[2] for o in oof]), np.stack([o[3] for o in oof]), t.classes,
                       {"fold": [o[0] for o in oof]})
     result = {"folds": per_fold, "summary": summarise(per_fold), "classes": t.classes,
@@ -345,6 +419,6 @@ def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
         ids = np.array(t.slide_ids)
         model, _ = fit(store, {"train": ids[tr].tolist(), "val": ids[va].tolist()}, t, spec,
                        cfg, cfg.seed + len(splits), device, "final")
-    save_model(cfg.out / "model.pt", model)
-    _write_json(cfg.out / "metrics.json", result)
+    save_model(out / "model.pt", model)
+    _write_json(out / "metrics.json", result)
     return result

@@ -56,6 +56,8 @@ class ExtractConfig:
     devices: tuple[str, ...] = ()  # several: one process per device
     reader: Reader = Reader.AUTO
     decode: Decode = Decode.AUTO
+    slide_timeout: float = 1800.0  # seconds a slide's tiling or reads may take
+    max_plain_pixels: int | None = 500_000_000  # non-pyramidal images decoded whole
 
     @property
     def layout(self) -> OutputLayout:

@@ -8,15 +8,19 @@ the slide size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batch import SlideJob
-from ..errors import describe_error
+from ..batch import SlideJob, exit_with_parent
+from ..claims import claim
+from ..errors import WsiEmbedError, describe_error
+from ..h5io import FEATURES_SCHEMA, check_output
 from ..report import RunReport, slide_row
 from ..tiling import TileParams
 from .config import ExtractConfig
@@ -58,7 +62,8 @@ def pipeline(todo: Iterable[tuple[SlideJob, Path]], cfg: ExtractConfig, params: 
     chunk = min(cfg.chunk, batch)
     per_batch = math.ceil(batch / chunk)
     n_slots = max(8, 3 * cfg.num_workers) + (2 + HELD_BATCHES) * per_batch
-    pool = ReaderPool(cfg.num_workers, chunk, params.patch_size, n_slots, runner.device)
+    pool = ReaderPool(cfg.num_workers, chunk, params.patch_size, n_slots, runner.device,
+                      initializer=functools.partial(exit_with_parent, os.getpid()))
     try:
         feeder = BatchFeeder(pool, runner, batch, HELD_BATCHES)
     except BaseException:
@@ -121,6 +126,8 @@ def pipeline(todo: Iterable[tuple[SlideJob, Path]], cfg: ExtractConfig, params: 
 
 
 def _check_writer(writer: FeatureWriter) -> None:
+    if isinstance(writer.error, WsiEmbedError):  # the report cannot be written
+        raise writer.error
     if writer.error is not None:
         raise RuntimeError(f"writing features failed: {writer.error}") from writer.error
 
@@ -132,13 +139,24 @@ def _task_stream(todo: Iterable[tuple[SlideJob, Path]], chunk: int, batch: int,
     task_id = 0
     for job, coords_file in todo:
         t0 = time.perf_counter()
+        features = cfg.layout.features(cfg.encoder, job.slide_id)
+        held = claim(features)
+        if isinstance(held, str):
+            writer.report.add(slide_row(job, "skipped", t0, warning=held))
+            continue
         try:
-            plan = plan_slide(job, coords_file, params, cfg.reader, cfg.decode, runner.device)
+            if not cfg.overwrite and check_output(features, FEATURES_SCHEMA) is None:
+                held.release()  # finished by another run meanwhile
+                writer.report.add(slide_row(job, "skipped", t0))
+                continue
+            plan = plan_slide(job, coords_file, params, cfg.reader, cfg.decode, runner.device,
+                              cfg.max_plain_pixels)
         except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
+            held.release()
             writer.report.add(slide_row(job, "failed", t0,
                                         error=f"before reading: {describe_error(e)}"))
             continue
-        out = writer.begin(plan, t0)
+        out = writer.begin(plan, t0, held)
         if plan.source is None:
             writer.q.put(("empty", out, None))
             continue

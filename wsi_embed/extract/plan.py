@@ -34,7 +34,8 @@ class SlidePlan:
 
 
 def plan_slide(job: SlideJob, coords_file: Path, params: TileParams, reader: Reader,
-               decode: Decode, device: torch.device) -> SlidePlan:
+               decode: Decode, device: torch.device,
+               max_plain_pixels: int | None = None) -> SlidePlan:
     """The plan of one slide. Coords tiled at another patch size or resolution than this
     run's are refused (SlideError naming the file and both fixes), not silently used."""
     c = h5io.read_coords_file(coords_file)
@@ -55,7 +56,7 @@ def plan_slide(job: SlideJob, coords_file: Path, params: TileParams, reader: Rea
     level = int(geom["patch_level"])
     read_size = int(geom.get("read_size") or round(geom["patch_size_level0"]
                                                    / geom["downsample"]))
-    with open_slide(job.path) as slide:
+    with open_slide(job.path, max_plain_pixels) as slide:
         source = choose_source(slide, level, read_size, params.patch_size, reader, decode,
                                device)
     return SlidePlan(job, c.coords, c.attrs, root, source)

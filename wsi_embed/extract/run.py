@@ -4,6 +4,7 @@ encoder set up once, and one pipeline per device."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from dataclasses import replace
@@ -13,7 +14,7 @@ import h5py
 import torch
 
 from .. import h5io
-from ..batch import SlideJob
+from ..batch import SlideJob, exit_with_parent
 from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
 from ..errors import describe_error
@@ -73,7 +74,8 @@ def advise_resolution(ecfg: EncoderConfig, encoder: str, target_mpp: float) -> N
 
 
 def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path | None,
-                  report: RunReport, num_workers: int) -> list[tuple[SlideJob, Path]]:
+                  report: RunReport, num_workers: int, timeout: float | None = None,
+                  ) -> list[tuple[SlideJob, Path]]:
     """Coords for every slide: from --coords, OUT/coords, or tiled now with the same options.
     Slides that cannot be tiled are recorded as failed."""
     have, need = [], []
@@ -85,7 +87,7 @@ def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path |
         (have if p.exists() else need).append((j, p))
     if need:
         log.info("tiling %d slides without coords first", len(need))
-        tile_report = tile_slides([j for j, _ in need], tile_cfg, num_workers)
+        tile_report = tile_slides([j for j, _ in need], tile_cfg, num_workers, timeout)
         failed = set()
         for row in tile_report.rows:
             if row["status"] == "failed":
@@ -106,6 +108,7 @@ def _n_patches(coords_file: Path) -> int:
 def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
                 coords_dir: Path | None, report: RunReport) -> None:
     """Features of every slide in `jobs` into `cfg.out`; every slide gets a row in `report`."""
+    report.expect([j.slide_id for j in jobs])
     devices = cfg.devices or (str(pick_device(cfg.device)),)
     first = torch.device(devices[0])
     runner, attrs, batch = encoder_setup(cfg, first, run=len(devices) == 1)
@@ -113,7 +116,7 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
     expect = {k: attrs[k] for k in ("encoder", "weights", "precision")}
     todo: list[tuple[SlideJob, Path]] = []
     for job, coords_file in ensure_coords(jobs, tile_cfg, coords_dir, report,
-                                          cfg.num_workers):
+                                          cfg.num_workers, cfg.slide_timeout):
         t0 = time.perf_counter()
         try:
             out = cfg.layout.features(cfg.encoder, job.slide_id)
@@ -128,7 +131,7 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
     if not todo:
         return
     sizes = {j.slide_id: _n_patches(c) for j, c in todo}
-    report.expect(len(todo) + len(report.rows), sum(sizes.values()))
+    report.expect_patches(sum(sizes.values()))
     if len(devices) > 1:
         todo.sort(key=lambda t: -sizes[t[0].slide_id])  # the last to finish is a small one
         _run_devices(todo, devices, cfg, tile_cfg.params, report)
@@ -155,11 +158,12 @@ class _QueueReport:
 
 
 def _device_main(device: str, cfg: ExtractConfig, preset: EncoderConfig, params: TileParams,
-                 job_q, row_q) -> None:
+                 job_q, row_q, parent: int) -> None:
     """One device's process. It gets the parent's preset, so each process builds the model
     the parent resolved (a preset registered at run time included)."""
     from ..encoders import PRESETS
 
+    exit_with_parent(parent)
     PRESETS[cfg.encoder] = preset
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(cfg.devices))))
     runner, attrs, batch = encoder_setup(cfg, torch.device(device))
@@ -183,7 +187,8 @@ def _run_devices(todo: list[tuple[SlideJob, Path]], devices: tuple[str, ...],
     log.info("extracting %d slides on %d devices (%s), %d readers each", len(todo),
              len(devices), ", ".join(devices), sub.num_workers)
     preset = get_config(cfg.encoder)
-    procs = [ctx.Process(target=_device_main, args=(d, sub, preset, params, job_q, row_q))
+    procs = [ctx.Process(target=_device_main,
+                         args=(d, sub, preset, params, job_q, row_q, os.getpid()))
              for d in devices]
     for p in procs:
         p.start()

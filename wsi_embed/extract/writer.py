@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import h5io
+from ..claims import Claim
+from ..errors import one_line
 from ..report import RunReport, slide_row
 from .config import ExtractConfig
 from .plan import SlidePlan
@@ -27,9 +29,15 @@ class SlideOutput:
     plan: SlidePlan
     t0: float
     remaining: int
+    claim: Claim | None = None  # on the features file, released when the slide ends
     file: h5io.FeaturesWriter | None = None
     failed: str = ""
     done: bool = False
+
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def row(self, status: str, **kw) -> dict:
         return slide_row(self.plan.job, status, self.t0, **kw)
@@ -54,8 +62,8 @@ class FeatureWriter(threading.Thread):
         self.patches = self.first_n = 0
         self.first_at = self.last_at = 0.0
 
-    def begin(self, plan: SlidePlan, t0: float) -> SlideOutput:
-        out = SlideOutput(plan, t0, plan.n)
+    def begin(self, plan: SlidePlan, t0: float, held: Claim | None = None) -> SlideOutput:
+        out = SlideOutput(plan, t0, plan.n, held)
         self.outputs.append(out)
         return out
 
@@ -75,8 +83,11 @@ class FeatureWriter(threading.Thread):
             self.fail(payload, segments)
             return
         if kind == "empty":
-            self._open(payload)
-            self._finish(payload)
+            try:
+                self._open(payload)
+                self._finish(payload)
+            except OSError as e:
+                self.fail(payload, self._write_error(payload, e))
             return
         feats = payload.float().cpu().numpy()
         self._count(len(feats))
@@ -87,13 +98,21 @@ class FeatureWriter(threading.Thread):
         for out, row0, n, off in segments:
             if out.failed:
                 continue
-            if out.file is None:
-                self._open(out)
-            out.file.write(row0, feats[off : off + n])
-            out.remaining -= n
-            if out.remaining == 0:
-                self._finish(out)
+            try:
+                if out.file is None:
+                    self._open(out)
+                out.file.write(row0, feats[off : off + n])
+                out.remaining -= n
+                if out.remaining == 0:
+                    self._finish(out)
+            except OSError as e:  # a full disk or a file-size limit: this slide fails
+                self.fail(out, self._write_error(out, e))
         self.report.advance(len(feats))
+
+    def _write_error(self, out: SlideOutput, e: OSError) -> str:
+        path = self.cfg.layout.features(self.cfg.encoder, out.plan.job.slide_id)
+        return (f"cannot write {path} ({one_line(e)[:300]}): free disk space (or raise the "
+                "file-size limit) and rerun")
 
     def _count(self, n: int) -> None:
         self.last_at = time.perf_counter()
@@ -110,6 +129,7 @@ class FeatureWriter(threading.Thread):
     def _finish(self, out: SlideOutput) -> None:
         out.file.commit()
         out.done = True
+        out.release()
         secs = time.perf_counter() - out.t0
         n = out.plan.n
         self.report.add(out.row("ok", n_patches=n, reader=_reader(out), device=self.device,
@@ -122,6 +142,7 @@ class FeatureWriter(threading.Thread):
         out.failed = error
         if out.file is not None:
             out.file.abort()
+        out.release()
         self.report.add(out.row("failed", error=error, reader=_reader(out)))
 
     def abort_unfinished(self) -> None:
@@ -129,6 +150,7 @@ class FeatureWriter(threading.Thread):
         for out in self.outputs:
             if out.file is not None and not out.done:
                 out.file.abort()
+            out.release()
 
 
 def _reader(out: SlideOutput) -> str:

@@ -15,14 +15,17 @@ costs two restarts, not one per queued task.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import cv2
+import numpy as np
 import torch
 
-from ...errors import describe_error
+from ...errors import UsageError, describe_error, one_line
 from .device_jpeg import DecodeThread
 from .host import SourceCache
 from .spec import DeviceChunk, HostChunk, ReadResult, ReadTask
@@ -32,6 +35,33 @@ log = logging.getLogger(__name__)
 READY = ReadResult(-1, None)
 CHECK_EVERY = 5.0  # seconds between checks that every reader is alive
 MAX_DEATHS = 2  # reader deaths while reading one slide before that slide fails
+
+
+#: where Linux keeps shared memory (a tmpfs: docker's default is 64 MB)
+SHM = "/dev/shm"
+
+
+def allocate_slots(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """The readers' patch slots, in shared memory when reader processes fill them; a usage
+    error saying what to lower when they do not fit (rather than a traceback, or a SIGBUS
+    when a full /dev/shm is touched)."""
+    need = int(np.prod(shape))
+    gib = need / 2**30
+    fix = ("lower --batch-size or --num-workers" + (", or give the container more shared "
+           "memory (docker run --shm-size=8g)" if shared else ""))
+    if shared and os.path.isdir(SHM):
+        st = os.statvfs(SHM)
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise UsageError(f"the reader slots need {gib:.2f} GiB of shared memory but "
+                             f"{SHM} has {free / 2**30:.2f} GiB free: {fix}")
+    try:
+        slots = torch.empty(shape, dtype=torch.uint8)
+        return slots.share_memory_() if shared else slots
+    except RuntimeError as e:
+        raise UsageError(f"cannot allocate the reader slots ({gib:.2f} GiB"
+                         f"{' of shared memory' if shared else ''}: {one_line(e)[:200]}): "
+                         f"{fix}") from None
 
 
 def read_result(sources: SourceCache, task: ReadTask, slots: torch.Tensor, slot: int
@@ -46,9 +76,11 @@ def read_result(sources: SourceCache, task: ReadTask, slots: torch.Tensor, slot:
 
 
 def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
-                 claims: torch.Tensor) -> None:
+                 claims: torch.Tensor, initializer: Callable[[], None] | None) -> None:
     """A reader process: take a task, take a free slot, fill it, say which. `claims[index]`
     holds (task id, slot) while it works on them, for the pool to know if it dies."""
+    if initializer is not None:
+        initializer()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     sources = SourceCache()
@@ -76,9 +108,13 @@ class ReaderPool:
     Results of both come back through one queue as `ReadResult`s."""
 
     def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int,
-                 device: torch.device | None = None):
-        self.num_workers, self.device = num_workers, device
-        self.slots = torch.empty((n_slots, chunk, patch_size, patch_size, 3), dtype=torch.uint8)
+                 device: torch.device | None = None,
+                 initializer: Callable[[], None] | None = None):
+        """`initializer` runs first in every reader process (picklable, as for
+        ProcessPoolExecutor)."""
+        self.num_workers, self.device, self.initializer = num_workers, device, initializer
+        self.slots = allocate_slots((n_slots, chunk, patch_size, patch_size, 3),
+                                    shared=num_workers > 0)
         self.results: queue.Queue[ReadResult] = queue.Queue()
         self.procs: list = []
         self.decoder: DecodeThread | None = None
@@ -87,7 +123,6 @@ class ReaderPool:
             self.free = list(range(n_slots))
             return
         self._ctx = torch.multiprocessing.get_context("spawn")
-        self.slots.share_memory_()
         self.claims = torch.full((num_workers, 2), -1, dtype=torch.int64).share_memory_()
         self._lock = threading.Lock()
         self._pending: dict[int, ReadTask] = {}  # submitted to the readers, no result yet
@@ -105,7 +140,7 @@ class ReaderPool:
         self.claims.fill_(-1)
         self.procs = [ctx.Process(target=_reader_main, daemon=True,
                                   args=(i, self.task_q, self.done_q, self.free_q, self.slots,
-                                        self.claims))
+                                        self.claims, self.initializer))
                       for i in range(self.num_workers)]
         for p in self.procs:
             p.start()

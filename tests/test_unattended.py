@@ -1,0 +1,287 @@
+"""Unattended batches that cannot be hurt: outputs stay inside --out, nothing stalls or is
+orphaned, reports survive shards, concurrent runs and interruptions, and odd inputs fail one
+slide with a clear line (issue: "Unattended batches that cannot be hurt")."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_embed.claims import claim_path
+from wsi_embed.report import run_reports
+from wsi_embed.synthetic import write_witness_bags
+
+from .conftest import CMU, KIDNEY, ROOT, cli, last_run, small_slide
+
+#: `wsi-embed` in a child process, with the channel-mean encoder registered as test_means
+MEANS_CLI = [sys.executable, "-c",
+             "import sys; from tests.conftest import MEANS_PRESET; "
+             "from wsi_embed.encoders import PRESETS; PRESETS['test_means'] = MEANS_PRESET; "
+             "from wsi_embed.cli import app; sys.argv[0] = 'wsi-embed'; app()"]
+
+
+def merged(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def no_temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if ".tmp" in p.name or p.name.endswith(".claim")]
+
+
+# -- security: outputs stay inside --out ------------------------------------------------
+@pytest.mark.parametrize("bad_id,rule", [
+    ("../../victim", "separator"), ("/tmp/abs", "separator"), ("..", "'.'"),
+    ("tab\there", "control character"), ("x" * 300, "longer than"),
+])
+def test_unsafe_slide_ids_are_a_usage_error_naming_the_row(tmp_path, bad_id, rule):
+    victim = tmp_path / "victim.h5"
+    with h5py.File(victim, "w") as f:
+        f["data"] = np.arange(3)
+    before = victim.read_bytes()
+    listing = tmp_path / "list.csv"
+    with open(listing, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "slide_id"], [CMU, "fine"], [CMU, bad_id]])
+    out = tmp_path / "deep" / "er" / "out"
+    r = cli("tile", "--slide-list", listing, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert "line 3" in r.output and rule in r.output
+    assert victim.read_bytes() == before
+    assert not (out / "coords").exists()
+
+
+def test_outputs_that_would_resolve_outside_out_are_refused(tmp_path):
+    """A coords folder that is a link to elsewhere: every output path is resolved and
+    checked, so the slide fails instead of writing outside --out."""
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "coords").symlink_to(elsewhere)
+    r = cli("tile", CMU, "--out", out, "--num-workers", "0")
+    assert r.exit_code == 1
+    (row,) = last_run(out / "tile_report.csv").values()
+    assert "outside the output folder" in row["error"]
+    assert not any(elsewhere.iterdir())
+
+
+def test_ids_from_features_files_and_labels_are_checked(tmp_path):
+    bags = write_witness_bags(tmp_path / "f", 8, patches=(5, 8), dim=8)
+    labels = tmp_path / "l.csv"
+    labels.write_text(bags.labels_csv.read_text() + "../escape,1,p\n")
+    r = cli("train", "--features", tmp_path / "f", "--labels", labels, "--out", tmp_path / "m")
+    assert r.exit_code == 2 and "line 10" in r.output and "separator" in r.output
+    shutil.copy(tmp_path / "f" / "slide_0000.h5", tmp_path / "f" / "bad\x07id.h5")
+    r = cli("train", "--features", tmp_path / "f", "--labels", bags.labels_csv, "--out",
+            tmp_path / "m")
+    assert r.exit_code == 2 and "control character" in r.output and "rename" in r.output
+
+
+# -- nothing stalls --------------------------------------------------------------------
+def lying_tiff(path: Path, width: int, height: int, tiled: bool) -> Path:
+    """A small real TIFF whose header is then rewritten to declare width x height px. Tiled,
+    every one of the tiles that size needs points at the one real tile (a valid file that
+    OpenSlide opens: 7 MB for 200,000 x 200,000 px)."""
+    side = 256 if tiled else 64
+    data = np.full((side, side, 3), 200, np.uint8)
+    kw = ({"tile": (256, 256), "compression": "jpeg", "bigtiff": True} if tiled
+          else {"rowsperstrip": 64})
+    tifffile.imwrite(path, data, photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", **kw)
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        page = tf.pages[0]
+        off, count = page.dataoffsets[0], page.databytecounts[0]
+        page.tags["ImageWidth"].overwrite(width)
+        page.tags["ImageLength"].overwrite(height)
+        if tiled:
+            n = -(-width // 256) * -(-height // 256)
+            page.tags["TileOffsets"].overwrite(np.full(n, off, np.uint64))
+            page.tags["TileByteCounts"].overwrite(np.full(n, count, np.uint64))
+    return path
+
+
+def test_a_lying_header_fails_fast_instead_of_stalling(tmp_path):
+    """A 5 KB stripped TIFF declaring 39,000 x 39,000 px (4.5 GB decoded) and a tiled one
+    declaring 200,000 x 200,000: each fails before anything is allocated, naming the file."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    strips = lying_tiff(folder / "strips.tif", 39_000, 39_000, tiled=False)
+    tiles = lying_tiff(folder / "tiles.tif", 200_000, 200_000, tiled=True)
+    assert strips.stat().st_size < 20_000
+    assert tiles.stat().st_size < 10 * 2**20
+    r = cli("tile", folder, "--out", tmp_path / "o", "--num-workers", "0")
+    assert r.exit_code == 1
+    rows = last_run(tmp_path / "o" / "tile_report.csv")
+    assert "39000 x 39000 px but holds only" in rows["strips"]["error"]
+    for words in ("200000 x 200000 px", "pyramid", "lies about the size"):
+        assert words in rows["tiles"]["error"], rows["tiles"]["error"]
+
+
+def test_max_plain_pixels_refuses_big_plain_images_with_the_fix(tmp_path):
+    r = cli("tile", KIDNEY, "--out", tmp_path / "o", "--slide-mpp", "0.5", "--num-workers",
+            "0", "--max-plain-pixels", "1000000")
+    assert r.exit_code == 1
+    (row,) = last_run(tmp_path / "o" / "tile_report.csv").values()
+    for words in ("1493 x 901", "--max-plain-pixels 1000000", "vips tiffsave"):
+        assert words in row["error"], row["error"]
+    assert cli("tile", KIDNEY, "--out", tmp_path / "o", "--slide-mpp", "0.5",
+               "--num-workers", "0").exit_code == 0
+
+
+def test_a_slide_past_its_time_limit_fails_and_its_worker_is_replaced(tmp_path):
+    folder = tmp_path / "in"
+    for i in range(2):
+        small_slide(folder / f"s{i}.svs", 4096, 4096, seed=i)
+    r = cli("tile", folder, "--out", tmp_path / "o", "--num-workers", "1",
+            "--slide-timeout", "0.01")
+    assert r.exit_code == 1
+    rows = last_run(tmp_path / "o" / "tile_report.csv")
+    for sid in ("s0", "s1"):  # the second ran in a replacement worker, and timed out too
+        assert rows[sid]["status"] == "failed" and "--slide-timeout" in rows[sid]["error"]
+    assert not list((tmp_path / "o").glob("coords/*.h5"))
+    assert cli("tile", folder, "--out", tmp_path / "o", "--num-workers", "1").exit_code == 0
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("command", ["tile", "extract"])
+def test_workers_die_with_their_parent(tmp_path, command):
+    """SIGKILL to the main process only: its reader or tile workers must not live on."""
+    folder = tmp_path / "in"
+    for i in range(4):
+        small_slide(folder / f"k{i}.svs", 4096, 4096, seed=i)
+    cmd = [*MEANS_CLI, command, str(folder), "--out", str(tmp_path / "o"), "--num-workers",
+           "2", "--tissue", "none"]
+    if command == "extract":
+        cmd += ["--encoder", "test_means", "--weights", "random", "--batch-size", "8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    kids: list[int] = []
+    while time.time() < deadline and len(kids) < 3:  # two workers and a resource tracker
+        time.sleep(0.2)
+        kids = children_of(proc.pid)
+    assert len(kids) >= 3, kids
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(k) for k in kids):
+        time.sleep(0.2)
+    assert not [k for k in kids if alive(k)]
+
+
+# -- reports that survive shards, concurrency and interruption ---------------------------
+def test_shards_into_one_out_keep_every_row_and_claims_stop_double_work(tmp_path,
+                                                                        slide_folder):
+    out = tmp_path / "o"
+    bad = slide_folder / "s9.svs"
+    bad.write_text("not a slide")
+    for i in (0, 1):
+        cli("tile", slide_folder, "--out", out, "--shard", f"{i}/2", "--num-workers", "0")
+    rows = merged(out / "tile_report.csv")
+    assert sorted(rows) == [f"s{i}" for i in (0, 1, 2, 3, 4, 9)]  # both shards' rows
+    assert rows["s9"]["status"] == "failed" and len(run_reports(out / "tile_report.csv")) == 2
+    # a slide another live run is making is left to it; a dead run's claim is taken over
+    (out / "coords" / "s1.h5").unlink()
+    (out / "coords" / "s3.h5").unlink()
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    claim_path(out / "coords" / "s1.h5").write_text(json.dumps(live))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim_path(out / "coords" / "s3.h5").write_text(json.dumps({**live, "pid": dead.pid}))
+    r = cli("tile", slide_folder, "--out", out, "--num-workers", "0")
+    now = last_run(out / "tile_report.csv")
+    assert now["s1"]["status"] == "skipped" and "another run" in now["s1"]["warning"]
+    assert not (out / "coords" / "s1.h5").exists()
+    assert now["s3"]["status"] == "ok" and (out / "coords" / "s3.h5").exists()
+    assert r.exit_code == 1  # s9
+    assert claim_path(out / "coords" / "s1.h5").exists()  # not ours to remove
+    assert not claim_path(out / "coords" / "s3.h5").exists()
+
+
+def test_an_interrupted_run_says_so_lists_what_it_did_and_exits_130(tmp_path):
+    folder = tmp_path / "in"
+    for i in range(5):
+        small_slide(folder / f"k{i}.svs", 3072, 3072, seed=i)
+    out = tmp_path / "o"
+    assert cli("tile", folder, "--out", out, "--tissue", "none",
+               "--num-workers", "0").exit_code == 0
+    cmd = [*MEANS_CLI, "extract", str(folder), "--out", str(out), "--encoder", "test_means",
+           "--weights", "random", "--num-workers", "0", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    fdir = out / "features" / "test_means"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(fdir.glob("k*.h5")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted (SIGTERM)" in err
+    (run,) = [p for p in run_reports(out / "extract_report_test_means.csv")
+              if p.name.endswith(".interrupted.csv")]
+    with open(run, newline="") as fh:
+        rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    done = {p.stem for p in fdir.glob("k*.h5")}
+    assert 1 <= len(done) < 5 and sorted(rows) == [f"k{i}" for i in range(5)]
+    for sid, row in rows.items():
+        assert row["status"] == ("ok" if sid in done else "interrupted"), row
+    assert merged(out / "extract_report_test_means.csv") .keys() == rows.keys()
+    assert not no_temporaries(out)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {r["status"] for r in merged(out / "extract_report_test_means.csv").values()} == {
+        "ok"}
+
+
+def test_a_model_folder_appears_complete_or_not_at_all(tmp_path, monkeypatch):
+    """`train` fails after its models are written: no folder under --out; the rerun
+    (no --overwrite needed) makes the whole folder."""
+    import wsi_embed.train as train
+
+    bags = write_witness_bags(tmp_path / "f", 20, patches=(5, 8), dim=8)
+    args = ("train", "--features", tmp_path / "f", "--labels", bags.labels_csv, "--out",
+            tmp_path / "m", "--folds", "2", "--epochs", "1")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "summarise", fail)  # after the fold models are written
+    with pytest.raises(OSError):
+        cli(*args)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+    monkeypatch.undo()
+    assert cli(*args).exit_code == 0
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.pt", "metrics.json",
+                                                            "config.json", "folds"}
