@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -19,18 +20,19 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from wsi_embed.claims import claim_path
 from wsi_embed.report import run_reports
 from wsi_embed.synthetic import write_witness_bags
 
-from .conftest import CMU, KIDNEY, ROOT, cli, last_run, small_slide
+from .conftest import CMU, KIDNEY, ROOT, cli, copy, last_run, small_slide
 
 #: `wsi-embed` in a child process, with the channel-mean encoder registered as test_means
 MEANS_CLI = [sys.executable, "-c",
              "import sys; from tests.conftest import MEANS_PRESET; "
              "from wsi_embed.encoders import PRESETS; PRESETS['test_means'] = MEANS_PRESET; "
-             "from wsi_embed.cli import app; sys.argv[0] = 'wsi-embed'; app()"]
+             "from wsi_embed.cli import main; sys.argv[0] = 'wsi-embed'; main()"]
 
 
 def merged(path: Path) -> dict[str, dict]:
@@ -285,3 +287,187 @@ def test_a_model_folder_appears_complete_or_not_at_all(tmp_path, monkeypatch):
     assert cli(*args).exit_code == 0
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.pt", "metrics.json",
                                                             "config.json", "folds"}
+
+
+# -- full disks and odd files fail the slide, not the run --------------------------------
+def file_size_limit(limit: int):
+    """For a child process: writes past `limit` bytes fail with EFBIG (Python ignores
+    SIGXFSZ), as on a full disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_during_extract_fails_that_slide_only(tmp_path):
+    folder = tmp_path / "in"
+    small_slide(folder / "big.svs", 4096, 4096, seed=1)
+    for i in range(2):
+        small_slide(folder / f"small{i}.svs", 768, 768, seed=i)
+    tiled = tmp_path / "tiled"
+    assert cli("tile", folder, "--out", tiled, "--tissue", "none",
+               "--num-workers", "0").exit_code == 0
+    base = [*MEANS_CLI, "extract", str(folder), "--coords", str(tiled), "--encoder",
+            "test_means", "--weights", "random", "--num-workers", "0"]
+    r = subprocess.run([*base, "--out", str(tmp_path / "free")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sizes = {p.stem: p.stat().st_size for p in (tmp_path / "free").glob("features/*/*.h5")}
+    limit = (sizes["big"] + sizes["small0"]) // 2
+    out = tmp_path / "full"
+    r = subprocess.run([*base, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=file_size_limit(limit))
+    assert r.returncode == 1, r.stderr
+    # (h5py prints "Exception ignored" for the handles it frees after a failed write)
+    assert "wsi_embed/" not in r.stderr, r.stderr  # no traceback through our code
+    rows = last_run(out / "extract_report_test_means.csv")
+    assert rows["big"]["status"] == "failed" and "cannot write" in rows["big"]["error"]
+    assert "free disk space" in rows["big"]["error"]
+    assert rows["small0"]["status"] == rows["small1"]["status"] == "ok"
+    assert not no_temporaries(out) and not (out / "features/test_means/big.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A model trained on small synthetic bags, and those bags (two of them large)."""
+    tmp = tmp_path_factory.mktemp("model")
+    bags = write_witness_bags(tmp / "f", 20, patches=(5, 8), dim=8)
+    for sid in ("slide_0000", "slide_0001"):  # large bags: large attention files
+        big = write_witness_bags(tmp / "big", 1, patches=(3000, 3001), dim=8, seed=7)
+        shutil.copy(tmp / "big" / "slide_0000.h5", tmp / "f" / f"{sid}.h5")
+        del big
+    r = cli("train", "--features", tmp / "f", "--labels", bags.labels_csv, "--out",
+            tmp / "m", "--folds", "2", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    return tmp / "m" / "model.pt", tmp / "f"
+
+
+def test_a_full_disk_during_classify_fails_that_slide_only(tmp_path, model):
+    model_pt, feats = model
+    base = [sys.executable, "-m", "wsi_embed.cli", "classify", "--features", str(feats),
+            "--model", str(model_pt)]
+    r = subprocess.run([*base, "--out", str(tmp_path / "free")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sizes = {p.stem: p.stat().st_size for p in (tmp_path / "free" / "attention").glob("*.h5")}
+    limit = (sizes["slide_0000"] + sizes["slide_0002"]) // 2
+    out = tmp_path / "full"
+    r = subprocess.run([*base, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=file_size_limit(limit))
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    rows = last_run(out / "predictions.csv")
+    for sid in ("slide_0000", "slide_0001"):
+        assert rows[sid]["status"] == "failed" and "cannot write" in rows[sid]["error"]
+    assert sum(row["status"] == "ok" for row in rows.values()) == 18
+    assert not no_temporaries(out)
+
+
+def test_a_truncated_features_file_is_one_failed_row(tmp_path, model):
+    model_pt, feats = model
+    folder = tmp_path / "f"
+    shutil.copytree(feats, folder)
+    data = (folder / "slide_0005.h5").read_bytes()
+    (folder / "slide_0005.h5").write_bytes(data[: len(data) // 3])
+    r = cli("classify", "--features", folder, "--model", model_pt, "--out", tmp_path / "c")
+    assert r.exit_code == 1, r.output
+    rows = last_run(tmp_path / "c" / "predictions.csv")
+    assert rows["slide_0005"]["status"] == "failed"
+    assert "slide_0005.h5" in rows["slide_0005"]["error"]
+    assert sum(row["status"] == "ok" for row in rows.values()) == 19
+
+
+def test_labels_are_normalised_missing_ones_dropped_and_encodings_named(tmp_path):
+    bags = write_witness_bags(tmp_path / "f", 24, patches=(5, 8), dim=8)
+    lines = bags.labels_csv.read_text().splitlines()
+    out = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        sid, label, patient = line.split(",")
+        if i in (3, 7):
+            label = ("NaN", "")[i == 7]  # missing: dropped, not a class of its own
+        elif label == "0" and i % 4 == 0:
+            label = "0.0"  # the same class as "0"
+        out.append(f"{sid},{label},{patient}")
+    labels = tmp_path / "l.csv"
+    labels.write_text("\n".join(out) + "\n")
+    r = cli("train", "--features", tmp_path / "f", "--labels", labels, "--out",
+            tmp_path / "m", "--folds", "2", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "2 rows have no label" in r.output and "lines 5, 9" in r.output
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["n_slides"] == 22 and cfg["model"]["classes"] == ["0", "1"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(labels.read_bytes().replace(b"slide_0001", "slide_0001é".encode(
+        "latin-1")))
+    r = cli("train", "--features", tmp_path / "f", "--labels", latin, "--out",
+            tmp_path / "m2")
+    assert r.exit_code == 2 and "not UTF-8" in r.output and "iconv" in r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("coordinate,why", [(1e12, "outside the slide"),
+                                            (float("nan"), "not finite"),
+                                            (-1e15, "outside the slide")])
+def test_a_tissue_mask_that_cannot_be_right_fails_the_slide(tmp_path, coordinate, why):
+    ring = [[100, 100], [1500, 100], [coordinate, 1500], [100, 1500], [100, 100]]
+    mask = tmp_path / "cmu.geojson"
+    mask.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}).replace(
+        "NaN", "NaN"))
+    r = cli("tile", CMU, "--out", tmp_path / "o", "--tissue-mask", mask, "--num-workers", "0")
+    assert r.exit_code == 1
+    (row,) = last_run(tmp_path / "o" / "tile_report.csv").values()
+    assert row["status"] == "failed" and str(mask) in row["error"] and why in row["error"]
+    assert not (tmp_path / "o" / "coords" / "CMU-1-Small-Region.h5").exists()
+
+
+def test_what_gave_tracebacks_gives_one_line(tmp_path, model):
+    model_pt, feats = model
+    # features that are not embeddings: strings, and int8 (silently taken before)
+    for dtype in ("S8", "int8"):
+        folder = tmp_path / dtype
+        shutil.copytree(feats, folder)
+        with h5py.File(folder / "slide_0003.h5", "r+") as f:
+            x = f["features"][:]
+            del f["features"]
+            f["features"] = x.astype(dtype)
+        r = cli("classify", "--features", folder, "--model", model_pt, "--out",
+                tmp_path / f"c_{dtype}")
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        row = last_run(tmp_path / f"c_{dtype}" / "predictions.csv")["slide_0003"]
+        assert "not embeddings" in row["error"] and "re-extract" in row["error"]
+    # a model.pt whose description does not fit its weights
+    blob = torch.load(model_pt, weights_only=True)
+    for name, spec in (("head", {**blob["spec"], "head": "mean"}),
+                       ("classes", {**blob["spec"], "classes": ["a", "b", "c"]}),
+                       ("key", {**blob["spec"], "colour": "blue"})):
+        path = tmp_path / f"model_{name}.pt"
+        torch.save({**blob, "spec": spec}, path)
+        r = cli("classify", "--features", feats, "--model", path, "--out", tmp_path / "x")
+        assert r.exit_code == 2, (name, r.output)
+        assert str(path) in r.output and "does not fit its weights" in r.output, r.output
+    # reader slots that cannot be allocated
+    r = cli("extract", CMU, "--out", tmp_path / "e", "--encoder", "kaiko_vits16",
+            "--weights", "random", "--batch-size", "10000000", "--num-workers", "1")
+    assert r.exit_code == 2 and "reader slots" in r.output and "--batch-size" in r.output
+
+
+def test_quiet_surprises_are_named(tmp_path):
+    folder = tmp_path / "in"
+    copy(CMU, folder / "good.svs")
+    channels = [np.full((512, 512), 40 * (c + 1), np.uint8) for c in range(4)]
+    with tifffile.TiffWriter(folder / "multiplex.qptiff") as tw:
+        for c in channels:
+            tw.write(c, tile=(256, 256), photometric="minisblack", compression="jpeg",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    (folder / "loop_a.svs").symlink_to(folder / "loop_b.svs")
+    (folder / "loop_b.svs").symlink_to(folder / "loop_a.svs")
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".tile_report.csv.{socket.gethostname()}.{dead.pid}.tmp"
+    stale.write_text("slide_id,status\n")
+    r = cli("tile", folder, "--out", out, "--num-workers", "0")
+    assert r.exit_code == 1
+    rows = last_run(out / "tile_report.csv")
+    assert rows["good"]["status"] == "ok"
+    assert "multiplex" in rows["multiplex"]["error"] and "4" in rows["multiplex"]["error"]
+    for sid in ("loop_a", "loop_b"):
+        assert rows[sid]["status"] == "failed" and "link" in rows[sid]["error"]
+    assert not stale.exists()

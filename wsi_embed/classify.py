@@ -15,8 +15,15 @@ import numpy as np
 from .bags import BagStore, scan_features
 from .batch import discover
 from .devices import pick_device
-from .errors import FeatureFileError, ModelError, UsageError, describe_error
-from .h5io import atomic_h5, read_patch_coords, remove_stale_tmp, set_attrs, write_coords_dataset
+from .errors import FeatureFileError, ModelError, UsageError, describe_error, one_line
+from .h5io import (
+    WRITE_ERRORS,
+    atomic_h5,
+    read_patch_coords,
+    remove_stale_tmp,
+    set_attrs,
+    write_coords_dataset,
+)
 from .layout import OutputLayout
 from .report import RunReport
 from .slide_model import load_model, predict_bag
@@ -92,6 +99,9 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
             try:
                 row |= _classify_one(sid, fs.metas[sid].path, store, model, device, layout,
                                      cfg.top_k, slides.get(sid))
+            except WRITE_ERRORS as e:  # a full disk, a file-size limit
+                row |= {"status": "failed", "error": f"cannot write its outputs in {cfg.out} "
+                        f"({one_line(e)[:300]}): free disk space and rerun"}
             except Exception as e:  # noqa: BLE001 - one slide never stops the run
                 row |= {"status": "failed", "error": describe_error(e)}
             report.add(row)

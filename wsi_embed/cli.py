@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import typer
@@ -325,5 +326,24 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def main() -> None:
+    """The `wsi-embed` entry point. After a write failed on a full disk, HDF5 would crash
+    (SIGSEGV) closing that file as the process ends: the process then ends at once, with
+    its exit code, once its logs are flushed."""
+    from . import h5io
+
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if h5io.UNCLOSED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 COORDS_SCHEMA = "wsi-embed/coords/1"
 FEATURES_SCHEMA = "wsi-embed/features/1"
 TMP_SUFFIX = ".tmp"
+#: How a failed write (a full disk, a file-size limit) surfaces: OSError, or from h5py, when
+#: it flushes on close, RuntimeError ("Can't decrement id ref count (file write failed").
+WRITE_ERRORS = (OSError, RuntimeError)
 #: Keep each HDF5 chunk at or under 1 MiB (DESIGN.md).
 CHUNK_BYTES = 1 << 20
 
@@ -72,6 +75,12 @@ def atomic_file(final: Path, suffix: str = "") -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+#: HDF5 files whose close failed (a full disk). They are kept referenced: freeing them, or
+#: HDF5 closing them when the process ends, crashes the library (SIGSEGV); the CLI's entry
+#: point ends the process without that teardown when this is not empty.
+UNCLOSED: list[h5py.File] = []
+
+
 class AtomicH5:
     """An HDF5 file under a temporary name until `commit()` renames it into place;
     `abort()` (or an exception in a `with` block) deletes it."""
@@ -83,14 +92,20 @@ class AtomicH5:
         self.f = h5py.File(self.tmp, "w")
 
     def commit(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except Exception:
+            UNCLOSED.append(self.f)
+            raise
         with open(self.tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.f.close()
+        except Exception:  # noqa: BLE001 - a failed flush (full disk): see UNCLOSED
+            UNCLOSED.append(self.f)
         self.tmp.unlink(missing_ok=True)
 
 
@@ -100,10 +115,10 @@ def atomic_h5(final: Path) -> Iterator[h5py.File]:
     a = AtomicH5(final)
     try:
         yield a.f
+        a.commit()
     except BaseException:
-        a.abort()
+        a.abort()  # also when the commit failed (a full disk): no temporary is left
         raise
-    a.commit()
 
 
 def chunk_rows(row_bytes: int, n: int) -> int:
@@ -168,9 +183,13 @@ class FeaturesWriter:
         self.features[row0 : row0 + len(feats)] = feats
 
     def commit(self) -> None:
+        self.features = None  # no dataset handle may outlive its file (see abort)
         self._h5.commit()
 
     def abort(self) -> None:
+        """Delete the temporary file. The dataset handle goes first: freed after a file
+        whose close failed (a full disk), it crashes HDF5."""
+        self.features = None
         self._h5.abort()
 
 

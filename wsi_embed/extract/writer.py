@@ -86,7 +86,7 @@ class FeatureWriter(threading.Thread):
             try:
                 self._open(payload)
                 self._finish(payload)
-            except OSError as e:
+            except h5io.WRITE_ERRORS as e:
                 self.fail(payload, self._write_error(payload, e))
             return
         feats = payload.float().cpu().numpy()
@@ -105,11 +105,11 @@ class FeatureWriter(threading.Thread):
                 out.remaining -= n
                 if out.remaining == 0:
                     self._finish(out)
-            except OSError as e:  # a full disk or a file-size limit: this slide fails
+            except h5io.WRITE_ERRORS as e:  # a full disk or a file-size limit: this slide
                 self.fail(out, self._write_error(out, e))
         self.report.advance(len(feats))
 
-    def _write_error(self, out: SlideOutput, e: OSError) -> str:
+    def _write_error(self, out: SlideOutput, e: Exception) -> str:
         path = self.cfg.layout.features(self.cfg.encoder, out.plan.job.slide_id)
         return (f"cannot write {path} ({one_line(e)[:300]}): free disk space (or raise the "
                 "file-size limit) and rerun")
