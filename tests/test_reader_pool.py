@@ -65,3 +65,29 @@ def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths):
         assert got[10][1] is None
     finally:
         pool.close()
+
+
+def test_a_reader_stuck_on_one_task_is_stopped_and_only_its_slide_fails(tmp_path,
+                                                                        monkeypatch):
+    """--slide-timeout for reads: a reader still on one task after the limit (a decoder
+    hung on a damaged file; here 64 reads of 3000 px) is killed, the readers restart, that
+    slide fails saying why, and the next slide's task is read."""
+    import wsi_embed.extract.sources.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "CHECK_EVERY", 0.2)
+    other = copy(CMU, tmp_path / "other.svs")
+    coords = np.array([(x, y) for y in range(0, 1500, 200) for x in range(0, 1800, 200)])
+    slow = SourceSpec(SourceKind.OPENSLIDE, str(CMU), 0, 3000, 128)
+    quick = SourceSpec(SourceKind.OPENSLIDE, str(other), 0, 256, 128)
+    pool = ReaderPool(1, 64, 128, 3, task_timeout=0.5)
+    try:
+        pool.submit(ReadTask(1, slow, coords[:64], 0))
+        pool.submit(ReadTask(2, quick, coords[:4], 0))
+        got = {}
+        for _ in range(2):
+            tid, chunk, err = pool.get(timeout=120)
+            got[tid] = (chunk, err)
+        assert got[1][0] is None and "--slide-timeout 0.5" in got[1][1]
+        assert got[2][1] is None and got[2][0] is not None
+    finally:
+        pool.close()

@@ -63,7 +63,8 @@ def pipeline(todo: Iterable[tuple[SlideJob, Path]], cfg: ExtractConfig, params: 
     per_batch = math.ceil(batch / chunk)
     n_slots = max(8, 3 * cfg.num_workers) + (2 + HELD_BATCHES) * per_batch
     pool = ReaderPool(cfg.num_workers, chunk, params.patch_size, n_slots, runner.device,
-                      initializer=functools.partial(exit_with_parent, os.getpid()))
+                      initializer=functools.partial(exit_with_parent, os.getpid()),
+                      task_timeout=cfg.slide_timeout)
     try:
         feeder = BatchFeeder(pool, runner, batch, HELD_BATCHES)
     except BaseException:

@@ -76,15 +76,17 @@ def read_result(sources: SourceCache, task: ReadTask, slots: torch.Tensor, slot:
 
 
 def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
-                 claims: torch.Tensor, initializer: Callable[[], None] | None) -> None:
+                 claims: torch.Tensor, began: torch.Tensor,
+                 initializer: Callable[[], None] | None) -> None:
     """A reader process: take a task, take a free slot, fill it, say which. `claims[index]`
-    holds (task id, slot) while it works on them, for the pool to know if it dies."""
+    holds (task id, slot) while it works on them, and `began[index]` when it took the task,
+    for the pool to know if it dies or hangs."""
     if initializer is not None:
         initializer()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     sources = SourceCache()
-    claim = claims[index].numpy()
+    claim, began_at = claims[index].numpy(), began[index : index + 1].numpy()
     done_q.put(READY)
     while True:
         task = task_q.get()
@@ -92,12 +94,14 @@ def _reader_main(index: int, task_q, done_q, free_q, slots: torch.Tensor,
             break
         claim[:] = (task.task_id, -1)
         slot = free_q.get()
+        began_at[0] = time.time()
         claim[1] = slot
         result = read_result(sources, task, slots, slot)
         if result.chunk is None:
             free_q.put(slot)
         done_q.put(result)
         claim[:] = -1
+        began_at[0] = 0.0
     sources.close()
 
 
@@ -109,10 +113,13 @@ class ReaderPool:
 
     def __init__(self, num_workers: int, chunk: int, patch_size: int, n_slots: int,
                  device: torch.device | None = None,
-                 initializer: Callable[[], None] | None = None):
+                 initializer: Callable[[], None] | None = None,
+                 task_timeout: float | None = None):
         """`initializer` runs first in every reader process (picklable, as for
-        ProcessPoolExecutor)."""
+        ProcessPoolExecutor); a reader still on one task after `task_timeout` seconds is
+        stopped and that task's slide fails (a decoder hung on a damaged file)."""
         self.num_workers, self.device, self.initializer = num_workers, device, initializer
+        self.task_timeout = task_timeout
         self.slots = allocate_slots((n_slots, chunk, patch_size, patch_size, 3),
                                     shared=num_workers > 0)
         self.results: queue.Queue[ReadResult] = queue.Queue()
@@ -124,6 +131,7 @@ class ReaderPool:
             return
         self._ctx = torch.multiprocessing.get_context("spawn")
         self.claims = torch.full((num_workers, 2), -1, dtype=torch.int64).share_memory_()
+        self.began = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
         self._lock = threading.Lock()
         self._pending: dict[int, ReadTask] = {}  # submitted to the readers, no result yet
         self._out: set[int] = set()  # slots handed to the caller and not released
@@ -138,9 +146,10 @@ class ReaderPool:
         for s in sorted(free):
             self.free_q.put(s)
         self.claims.fill_(-1)
+        self.began.zero_()
         self.procs = [ctx.Process(target=_reader_main, daemon=True,
                                   args=(i, self.task_q, self.done_q, self.free_q, self.slots,
-                                        self.claims, self.initializer))
+                                        self.claims, self.began, self.initializer))
                       for i in range(self.num_workers)]
         for p in self.procs:
             p.start()
@@ -179,13 +188,16 @@ class ReaderPool:
         for p in self.procs:
             p.join(timeout=10)
 
-    def _restart(self, dead: list) -> None:
-        """Replace every reader after one died; see the module docstring."""
+    def _restart(self, dead: list, hung: bool = False) -> None:
+        """Replace every reader after one died (or hung: then its slide fails at once); see
+        the module docstring."""
         # a task counts against its slide only if the reader had begun reading it
         claims = [self.claims[self.procs.index(p)].tolist() for p in dead]
         culprits = {task for task, slot in claims if slot >= 0}
-        codes = ", ".join(sorted({f"killed by signal {-p.exitcode}" if p.exitcode < 0 else
-                                  f"exit code {p.exitcode}" for p in dead}))
+        codes = ("still reading one task after --slide-timeout "
+                 f"{self.task_timeout:g} s" if hung else
+                 ", ".join(sorted({f"killed by signal {-p.exitcode}" if p.exitcode < 0 else
+                                   f"exit code {p.exitcode}" for p in dead})))
         self._stop_forward.set()
         self._forward.join(timeout=10)
         self._kill()
@@ -197,7 +209,7 @@ class ReaderPool:
         with self._lock:
             slides = {self._pending[t].spec.path for t in culprits & self._pending.keys()}
             for path in slides:
-                self._deaths[path] = self._deaths.get(path, 0) + 1
+                self._deaths[path] = MAX_DEATHS if hung else self._deaths.get(path, 0) + 1
             bad = {p for p in slides if self._deaths[p] >= MAX_DEATHS}
             failed = sorted(t for t, task in self._pending.items() if task.spec.path in bad)
             for t in failed:
@@ -210,11 +222,12 @@ class ReaderPool:
                     f"; failing {', '.join(sorted(bad))}: a reader died reading it "
                     f"{MAX_DEATHS} times" if bad else "")
         self._start(free)
+        why = (f"its reader was stopped ({codes}): a decoder hung on this slide, or raise "
+               "--slide-timeout" if hung else
+               f"a reader process died {MAX_DEATHS} times ({codes}) while reading this slide: "
+               "a crash in the slide's decoder, or the system ran out of memory")
         for t in failed:
-            self.results.put(ReadResult(t, None, f"a reader process died {MAX_DEATHS} times "
-                                                 f"({codes}) while reading this slide: a crash "
-                                                 "in the slide's decoder, or the system ran "
-                                                 "out of memory"))
+            self.results.put(ReadResult(t, None, why))
         for task in again:
             self.task_q.put(task)
 
@@ -225,6 +238,16 @@ class ReaderPool:
         dead = [p for p in self.procs if not p.is_alive()]
         if dead:
             self._restart(dead)
+            return
+        if self.task_timeout:
+            now = time.time()
+            hung = [p for i, p in enumerate(self.procs)
+                    if 0 < self.began[i].item() < now - self.task_timeout]
+            if hung:
+                for p in hung:
+                    p.kill()
+                    p.join(timeout=10)
+                self._restart(hung, hung=True)
 
     # -- the caller's side ---------------------------------------------------------------
     def can_submit(self) -> bool:
