@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -113,6 +114,13 @@ class ChannelMean(nn.Module):
 def channel_mean(**_):
     return ChannelMean()
 
+
+#: `wsi-embed` in a child process (run from ROOT), with the channel-mean encoder registered
+#: as test_means
+MEANS_CLI = [sys.executable, "-c",
+             "import sys; from tests.conftest import MEANS_PRESET; "
+             "from wsi_embed.encoders import PRESETS; PRESETS['test_means'] = MEANS_PRESET; "
+             "from wsi_embed.cli import main; sys.argv[0] = 'wsi-embed'; main()"]
 
 #: the channel-mean encoder as a preset: no normalisation, fp32, any device
 MEANS_PRESET = EncoderConfig(channel_mean, {}, 3, mean_std=((0, 0, 0), (1, 1, 1)),

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +17,10 @@ from wsi_embed.slides import open_slide
 
 from .conftest import (
     CMU,
+    MEANS_CLI,
     MEANS_PRESET,
     NDPI,
+    ROOT,
     cli,
     copy,
     last_run,
@@ -141,30 +142,31 @@ def tiled_slides(tmp_path, n: int, side: int):
 
 
 def test_sigkill_mid_extract_then_resume(tmp_path):
-    folder, out = tiled_slides(tmp_path, 5, 1536)
-    cmd = [sys.executable, "-m", "wsi_embed.cli", "extract", str(folder), "--out", str(out),
-           "--encoder", "kaiko_vits16", "--weights", "random", "--num-workers", "0",
-           "--batch-size", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    fdir = out / "features" / "kaiko_vits16"
+    folder, out = tiled_slides(tmp_path, 5, 2048)
+    cmd = [*MEANS_CLI, "extract", str(folder), "--out", str(out), "--encoder", "test_means",
+           "--weights", "random", "--num-workers", "0", "--batch-size", "8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    fdir = out / "features" / "test_means"
     deadline = time.time() + 120
     while time.time() < deadline and not list(fdir.glob("k*.h5")):
-        time.sleep(0.05)
-    time.sleep(0.3)  # now mid-way through a later slide
-    os.kill(proc.pid, signal.SIGKILL)
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # now mid-way through a later slide
     proc.wait()
     done = list(fdir.glob("k*.h5"))
     assert 1 <= len(done) < 5
     for p in done:
         assert check_output(p, FEATURES_SCHEMA) is None
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    rep = report(out, "kaiko_vits16")
+    rep = report(out, "test_means")
     assert sum(v["status"] == "skipped" for v in rep.values()) == len(done)
     for i in range(5):
         assert check_output(fdir / f"k{i}.h5", FEATURES_SCHEMA) is None
-        with h5py.File(fdir / f"k{i}.h5") as f:
-            assert f["features"].shape == (36, 384) and np.isfinite(f["features"][:]).all()
+        with h5py.File(fdir / f"k{i}.h5") as f:  # the right patches, in order
+            coords, got = f["coords"][:], f["features"][:]
+        assert got.shape == (64, 3)
+        assert np.abs(got - patch_means(folder / f"k{i}.svs", coords, 0, 256)).max() < 0.01
     assert not list(fdir.glob(".*"))
 
 

@@ -26,13 +26,7 @@ from wsi_embed.claims import claim_path
 from wsi_embed.report import run_reports
 from wsi_embed.synthetic import write_witness_bags
 
-from .conftest import CMU, KIDNEY, ROOT, cli, copy, last_run, small_slide
-
-#: `wsi-embed` in a child process, with the channel-mean encoder registered as test_means
-MEANS_CLI = [sys.executable, "-c",
-             "import sys; from tests.conftest import MEANS_PRESET; "
-             "from wsi_embed.encoders import PRESETS; PRESETS['test_means'] = MEANS_PRESET; "
-             "from wsi_embed.cli import main; sys.argv[0] = 'wsi-embed'; main()"]
+from .conftest import CMU, KIDNEY, MEANS_CLI, ROOT, cli, copy, last_run, small_slide
 
 
 def merged(path: Path) -> dict[str, dict]:
@@ -235,7 +229,7 @@ def test_shards_into_one_out_keep_every_row_and_claims_stop_double_work(tmp_path
 def test_an_interrupted_run_says_so_lists_what_it_did_and_exits_130(tmp_path):
     folder = tmp_path / "in"
     for i in range(5):
-        small_slide(folder / f"k{i}.svs", 3072, 3072, seed=i)
+        small_slide(folder / f"k{i}.svs", 2048, 2048, seed=i)
     out = tmp_path / "o"
     assert cli("tile", folder, "--out", out, "--tissue", "none",
                "--num-workers", "0").exit_code == 0
