@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from copy import deepcopy
 from pathlib import Path
 
@@ -40,8 +41,20 @@ def phantom(tmp_path_factory):
     return path, ph
 
 
+_SLIDES = Path(tempfile.mkdtemp(prefix="wsi-embed-test-slides-"))  # made once per session
+
+
 def small_slide(path: Path, width: int = 2048, height: int = 1536, mpp: float = 0.5,
                 aperio: bool = True, seed: int = 0, tile: int = 256, blur: float = 0.0) -> Path:
+    """`make_small_slide`, each distinct slide made once per session and copied."""
+    made = _SLIDES / f"{width}-{height}-{mpp}-{aperio}-{seed}-{tile}-{blur}{path.suffix}"
+    if not made.exists():
+        make_small_slide(made, width, height, mpp, aperio, seed, tile, blur)
+    return copy(made, path)
+
+
+def make_small_slide(path: Path, width: int, height: int, mpp: float, aperio: bool, seed: int,
+                     tile: int, blur: float) -> Path:
     """A small noisy slide (tissue-like colour everywhere) for geometry and batch tests.
     With `blur` (px), colour varies over a few pixels as stained tissue does, at full
     contrast: decoder comparisons then measure more than chroma upsampling of pure noise.

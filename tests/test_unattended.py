@@ -188,7 +188,7 @@ def test_workers_die_with_their_parent(tmp_path, command):
         time.sleep(0.2)
         kids = children_of(proc.pid)
     assert len(kids) >= 3, kids
-    time.sleep(1.0)
+    time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
