@@ -208,9 +208,119 @@ def test_weights_folder_then_hub_then_a_clear_error(tmp_path, monkeypatch):
     assert res.source.startswith("hf:1aurent/") and res.ident.startswith("sha256:")
 
 
-def test_encoders_command_lists_the_registry():
+def test_encoders_command_lists_the_registry(tmp_path):
     r = cli("encoders")
     assert r.exit_code == 0
     for name in REQUIRED:
         assert name in r.output
     assert "CC-BY-NC-ND-4.0" in r.output and "GPL-3.0" in r.output
+    import json
+
+    rows = {row["name"]: row for row in json.loads(cli("encoders", "--json").output)}
+    assert set(rows) == set(PRESETS)
+    for name, cfg in PRESETS.items():  # every fact a pipeline needs, as the preset has it
+        row = rows[name]
+        assert (row["dim"], row["input_size"], row["resize"], row["interpolation"],
+                row["target_mpp"], row["precision"]) == (
+            cfg.dim, cfg.input_size, cfg.resize, cfg.interpolation, cfg.target_mpp,
+            cfg.precision)
+        assert (tuple(row["mean"]), tuple(row["std"])) == tuple(map(tuple, cfg.mean_std))
+    assert rows["ctranspath"]["target_mpp"] == 1.0
+    assert rows["virchow2"]["output"] == "CLS ⊕ mean of patch tokens"
+    # a run at another resolution than the preset's says so, naming both
+    from .conftest import small_slide
+
+    slide = small_slide(tmp_path / "s.svs", 512, 512)
+    r = cli("extract", slide, "--out", tmp_path / "o", "--encoder", "ctranspath", "--weights",
+            "random", "--num-workers", "0", "--tissue", "none")
+    assert r.exit_code == 0 and "ctranspath was trained on patches at 1 µm/px" in r.output
+    assert "this run tiles at 0.5 µm/px" in r.output
+
+
+def _official_conch_v1_5(model) -> dict:
+    """Our model's weights in the official CONCH v1.5 vision file's names (ENCODERS.md §3.6:
+    `trunk.*`, `attn_pool_contrast.{query,ln_q,ln_k,to_q,to_kv,to_out}`, `ln_contrast.*`)."""
+    sd = model.state_dict()
+    out = {k: v for k, v in sd.items() if k.startswith("trunk.")}
+    out |= {"ln_contrast." + k[len("head.ln_out."):]: v for k, v in sd.items()
+            if k.startswith("head.ln_out.")}
+    out |= {"attn_pool_contrast." + k[len("head."):]: v for k, v in sd.items()
+            if k.startswith("head.") and not k.startswith("head.ln_out.")}
+    return out
+
+
+@pytest.mark.parametrize("grid", [28, 14])
+def test_conch_v1_5_official_layout_loads_with_either_position_grid(tmp_path, monkeypatch,
+                                                                    caplog, grid):
+    """The official file shares the `trunk.` prefix with our layout: it used to be taken as
+    ours and fail with 10 missing and 10 unexpected pooler keys. Its position embedding is
+    seen for a 28x28 (native 448) and a 14x14 grid: the latter is resampled as timm does, and
+    the log says so. (Trunk narrowed to 2 layers of width 64; the remap is per key.)"""
+    from timm.layers import resample_abs_pos_embed
+
+    small = {**PRESETS["conch_v1_5"].kwargs, "embed_dim": 64, "depth": 2, "num_heads": 4}
+    monkeypatch.setitem(PRESETS, "conch_v1_5", replace(PRESETS["conch_v1_5"], kwargs=small))
+    model, _ = _perturbed("conch_v1_5")
+    official = _official_conch_v1_5(model)
+    assert {k.split(".")[0] for k in official} == {"trunk", "attn_pool_contrast", "ln_contrast"}
+    assert official["trunk.pos_embed"].shape == (1, 785, 64)
+    if grid == 14:
+        official["trunk.pos_embed"] = resample_abs_pos_embed(
+            official["trunk.pos_embed"], new_size=[14, 14], num_prefix_tokens=1)
+    torch.save(official, tmp_path / "pytorch_model_vision.bin")
+    caplog.set_level("WARNING")
+    loaded, _, _ = load_encoder("conch_v1_5", str(tmp_path / "pytorch_model_vision.bin"))
+    x = torch.rand(2, 3, 448, 448)
+    with torch.inference_mode():
+        got = loaded(x)
+        if grid == 28:
+            assert torch.equal(got, model(x)) and not caplog.records
+        else:
+            want = resample_abs_pos_embed(official["trunk.pos_embed"], new_size=[28, 28],
+                                          num_prefix_tokens=1)
+            assert torch.allclose(loaded.state_dict()["trunk.pos_embed"], want, atol=1e-6)
+            assert "14x14 patch grid" in caplog.text and "28x28" in caplog.text
+            assert got.shape == (2, 768) and torch.isfinite(got).all()
+
+
+def test_ctranspath_official_layout_loads(tmp_path):
+    """TransPath's `ctranspath.pth` as released (ENCODERS.md §3.4): timm 0.5.4 Swin keys
+    under `model`, with the `relative_position_index` and `attn_mask` buffers, each stage's
+    PatchMerging at the end of the stage before, no head."""
+    model, _ = _perturbed("ctranspath")
+    official = {}
+    for k, v in model.state_dict().items():
+        k = k[len("trunk."):]
+        parts = k.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        official[".".join(parts)] = v
+    for i, depth in enumerate((2, 2, 6, 2)):
+        for j in range(depth):
+            official[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = torch.zeros(
+                49, 49, dtype=torch.int64)
+            if j % 2:
+                official[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(4, 49, 49)
+    assert "layers.0.downsample.reduction.weight" in official
+    assert "layers.3.downsample.reduction.weight" not in official
+    torch.save({"model": official}, tmp_path / "ctranspath.pth")
+    loaded, _, _ = load_encoder("ctranspath", str(tmp_path / "ctranspath.pth"))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_resnet50_trunc_official_layout_loads_and_is_cut_after_layer3(tmp_path):
+    """A whole ImageNet ResNet-50 (timm/torchvision names, with layer4 and fc): the preset
+    keeps layers up to layer3 and averages them, as CLAM's baseline does."""
+    import timm
+
+    torch.manual_seed(3)
+    full = timm.create_model("resnet50", pretrained=False).eval()
+    torch.save(full.state_dict(), tmp_path / "resnet50.pth")
+    loaded, _, _ = load_encoder("resnet50_trunc", str(tmp_path / "resnet50.pth"))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
+        want = full.layer3(full.layer2(full.layer1(h))).mean(dim=(2, 3))
+        assert torch.allclose(loaded(x), want, atol=1e-5)

@@ -185,7 +185,8 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
 
 @_command
 def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """The encoder registry: name, architecture, dim, input size, weights, licence."""
+    """The encoder registry: name, architecture, dim, input size, µm/px, weights, licence
+    (--json: every fact a pipeline needs: output, preprocessing, precision, ...)."""
     from dataclasses import asdict
 
     from .encoders import registry_table
@@ -194,10 +195,12 @@ def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     if as_json:
         typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
-    typer.echo(f"{'name':16} {'architecture':32} {'dim':>5} {'input':>5}  {'weights':58} licence")
+    typer.echo(f"{'name':16} {'architecture':32} {'dim':>5} {'input':>5} {'µm/px':>5}  "
+               f"{'weights':58} licence")
     for r in rows:
-        typer.echo(f"{r.name:16} {r.arch:32} {r.dim:>5} {r.input_size:>5}  {r.weights:58} "
-                   f"{r.licence}")
+        gated = " (gated)" if r.gated else ""
+        typer.echo(f"{r.name:16} {r.arch:32} {r.dim:>5} {r.input_size:>5} {r.target_mpp:>5g}  "
+                   f"{r.weights + gated:58} {r.licence}")
 
 
 @_command

@@ -9,6 +9,7 @@ preset's `remap` before a strict load, so a wrong or partial checkpoint fails lo
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from .errors import EncoderError
+
+log = logging.getLogger(__name__)
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -57,6 +60,7 @@ class EncoderConfig:
     licence: str = ""
     gated: bool = False
     target_mpp: float = 0.5  # the resolution the authors trained at (a warning otherwise)
+    output: str = "CLS token"  # what the embedding is
     note: str = ""
 
     @property
@@ -269,20 +273,23 @@ PRESETS: dict[str, EncoderConfig] = {
     "conch_v1": EncoderConfig(
         "vit_base_patch16_224", {"img_size": 448, "num_classes": 0, "dynamic_img_size": True,
                                  "global_pool": ""},
-        512, head=conch_v1_head, input_size=448, resize=448, interpolation="bicubic",
+        512, head=conch_v1_head, output="attention-pooled (1 query) + LayerNorm",
+        input_size=448, resize=448, interpolation="bicubic",
         mean_std=CLIP, precision="fp32", hf_repo="MahmoodLab/CONCH", remap=remap_conch_v1,
         licence="CC-BY-NC-ND-4.0", gated=True, note="image tower: attention-pooled, no proj"),
     "conch_v1_5": EncoderConfig(
         "vit_large_patch16_224", {"img_size": 448, "init_values": 1.0, "num_classes": 0,
                                   "dynamic_img_size": True, "global_pool": ""},
-        768, head=conch_v1_5_head, input_size=448, resize=448, hf_repo="MahmoodLab/conchv1_5",
+        768, head=conch_v1_5_head, output="attention-pooled (1 query) + LayerNorm",
+        input_size=448, resize=448, hf_repo="MahmoodLab/conchv1_5",
         hf_file="pytorch_model_vision.bin", remap=remap_conch_v1_5, licence="CC-BY-NC-ND-4.0",
         gated=True),
     "virchow2": EncoderConfig(
         "vit_huge_patch14_224",
         {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
          "num_classes": 0, "reg_tokens": 4, "dynamic_img_size": True, "swiglu": True},
-        2560, head=cls_mean_head, interpolation="bicubic", hf_repo="paige-ai/Virchow2",
+        2560, head=cls_mean_head, output="CLS ⊕ mean of patch tokens",
+        interpolation="bicubic", hf_repo="paige-ai/Virchow2",
         licence="CC-BY-NC-ND-4.0", gated=True, note="CLS ⊕ mean of patch tokens"),
     "h_optimus_0": EncoderConfig(
         "vit_giant_patch14_reg4_dinov2",
@@ -309,11 +316,13 @@ PRESETS: dict[str, EncoderConfig] = {
         remap=remap_hf_dinov2, licence="Owkin non-commercial"),
     "ctranspath": EncoderConfig(
         "swin_tiny_patch4_window7_224", {"num_classes": 0, "convstem": True}, 768,
+        output="mean of final tokens",
         precision="fp32", hf_repo="1aurent/swin_tiny_patch4_window7_224.CTransPath",
         hf_file="model.safetensors", remap=remap_ctranspath, licence="GPL-3.0", target_mpp=1.0,
         note="Swin-T with ConvStem; authors recommend 1.0 µm/px"),
     "resnet50_trunc": EncoderConfig(
         "resnet50", {"num_classes": 0}, 1024, precision="fp32", adapt=truncate_after_layer3,
+        output="layer3 features, averaged",
         hf_repo="timm/resnet50.tv_in1k", hf_file="model.safetensors", remap=remap_resnet_trunc,
         licence="BSD-3-Clause", note="ImageNet ResNet-50 cut after layer3 (CLAM baseline)"),
     "kaiko_vits16": EncoderConfig(
@@ -378,11 +387,48 @@ def build_encoder(name: str, device: str | torch.device = "cpu") -> tuple[Encode
 
 
 def remap_checkpoint(sd: dict, cfg: EncoderConfig, model: Encoder) -> dict:
-    """An official checkpoint (or one saved from this Encoder) → this Encoder's keys."""
+    """An official checkpoint (or one saved from this Encoder) → this Encoder's keys. The
+    layout is decided on whole key sets, never on one prefix (CONCH v1.5's official file
+    shares `trunk.*` with ours): the file as stored or as the preset's remap reads it,
+    whichever differs from the model's keys in fewer names, so that a strict load that
+    fails names the keys that really differ. A position embedding stored for another grid
+    is then resampled to the model's."""
     sd = _unwrap(sd)
-    if any(k.startswith("trunk.") for k in sd):
-        return sd  # already in our layout (saved from an Encoder)
-    return cfg.remap(sd, model)
+    want = set(model.state_dict())
+    if set(sd) != want:
+        try:
+            remapped = cfg.remap(sd, model)
+        except (KeyError, ValueError, RuntimeError, IndexError):
+            remapped = None  # not this preset's official layout at all
+        if remapped is not None and len(want ^ set(remapped)) <= len(want ^ set(sd)):
+            sd = remapped
+    return _fit_pos_embed(sd, model)
+
+
+def _fit_pos_embed(sd: dict, model: Encoder) -> dict:
+    """Resample `trunk.pos_embed` when it was stored for another patch grid (CONCH v1.5 is
+    seen with 14x14 and 28x28): bicubic with antialias, as timm's own checkpoint filter and
+    dynamic image size do, saying so in the log."""
+    key = "trunk.pos_embed"
+    want = model.state_dict().get(key)
+    have = sd.get(key)
+    if want is None or have is None or have.shape == want.shape or have.ndim != 3:
+        return sd
+    from timm.layers import resample_abs_pos_embed
+
+    trunk = model.trunk
+    prefix = 0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens
+    grid = tuple(trunk.patch_embed.grid_size)
+    old = int(round((have.shape[1] - prefix) ** 0.5))
+    if old * old + prefix != have.shape[1] or have.shape[2] != want.shape[2]:
+        return sd  # not a square grid of this width: the strict load names the mismatch
+    log.warning("the checkpoint's position embedding is for a %dx%d patch grid, the model's "
+                "%dx%d: resampled (bicubic, antialiased, as timm does)", old, old, *grid)
+    sd = dict(sd)
+    sd[key] = resample_abs_pos_embed(have.float(), new_size=list(grid), old_size=[old, old],
+                                     num_prefix_tokens=prefix, interpolation="bicubic",
+                                     antialias=True).to(have.dtype)
+    return sd
 
 
 def load_state_file(path: Path) -> dict:
@@ -492,15 +538,29 @@ def load_encoder(name: str, weights: str | None, device: str | torch.device = "c
 
 @dataclass
 class PresetRow:
+    """What a pipeline needs to know of a preset (`wsi-embed encoders --json`)."""
+
     name: str
     arch: str
     dim: int
+    output: str
     input_size: int
+    resize: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    target_mpp: float  # µm/px the authors trained at
+    precision: str  # on CUDA
     weights: str
+    weights_file: str
+    gated: bool
     licence: str
+    note: str
 
 
 def registry_table() -> list[PresetRow]:
-    return [PresetRow(n, c.arch_name, c.dim, c.input_size,
-                      f"hf:{c.hf_repo}" + (" (gated)" if c.gated else ""), c.licence)
+    return [PresetRow(n, c.arch_name, c.dim, c.output, c.input_size, c.resize,
+                      c.interpolation, tuple(c.mean_std[0]), tuple(c.mean_std[1]),
+                      c.target_mpp, c.precision, f"hf:{c.hf_repo}", c.hf_file, c.gated,
+                      c.licence, c.note)
             for n, c in sorted(PRESETS.items())]
