@@ -141,6 +141,15 @@ MEANS_PRESET = EncoderConfig(channel_mean, {}, 3, mean_std=((0, 0, 0), (1, 1, 1)
 
 
 @pytest.fixture
+def quick_checks(monkeypatch):
+    """The reader pool checks its readers every 0.5 s instead of 5: a test that kills one
+    waits less for the pool to notice."""
+    import wsi_embed.extract.sources.pool as pool
+
+    monkeypatch.setattr(pool, "CHECK_EVERY", 0.5)
+
+
+@pytest.fixture
 def means_encoder(monkeypatch):
     """The channel-mean encoder registered as `test_means` for this test."""
     monkeypatch.setitem(PRESETS, "test_means", MEANS_PRESET)

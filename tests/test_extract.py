@@ -185,7 +185,7 @@ def _reader_pids() -> list[int]:
     return pids
 
 
-def test_a_reader_killed_mid_run_costs_no_slide(tmp_path, means_encoder):
+def test_a_reader_killed_mid_run_costs_no_slide(tmp_path, means_encoder, quick_checks):
     """SIGKILL one reader process (as the OOM killer would) while slides are being read: the
     readers are restarted, what the dead one was reading is read again, and every slide ends
     with the right features in that same run."""

@@ -28,7 +28,7 @@ def _kill_while_reading(pool: ReaderPool, task_id: int, times: int, killed: list
 
 
 @pytest.mark.parametrize("deaths", [1, MAX_DEATHS])
-def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths):
+def test_a_slide_whose_reader_died_is_read_again_once(tmp_path, deaths, quick_checks):
     """Killed once (the OOM killer picking an innocent reader), the task is read again and
     its patches are right; killed a second time on that slide, every task of the slide fails
     with the reason, and the other slide's task is still read."""

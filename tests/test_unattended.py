@@ -290,7 +290,7 @@ def file_size_limit(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
-def test_a_full_disk_during_extract_fails_that_slide_only(tmp_path):
+def test_a_full_disk_during_extract_fails_that_slide_only(tmp_path, means_encoder):
     folder = tmp_path / "in"
     small_slide(folder / "big.svs", 4096, 4096, seed=1)
     for i in range(2):
@@ -300,9 +300,7 @@ def test_a_full_disk_during_extract_fails_that_slide_only(tmp_path):
                "--num-workers", "0").exit_code == 0
     base = [*MEANS_CLI, "extract", str(folder), "--coords", str(tiled), "--encoder",
             "test_means", "--weights", "random", "--num-workers", "0"]
-    r = subprocess.run([*base, "--out", str(tmp_path / "free")], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert cli(*base[len(MEANS_CLI):], "--out", tmp_path / "free").exit_code == 0
     sizes = {p.stem: p.stat().st_size for p in (tmp_path / "free").glob("features/*/*.h5")}
     limit = (sizes["big"] + sizes["small0"]) // 2
     out = tmp_path / "full"
@@ -337,9 +335,7 @@ def test_a_full_disk_during_classify_fails_that_slide_only(tmp_path, model):
     model_pt, feats = model
     base = [sys.executable, "-m", "wsi_embed.cli", "classify", "--features", str(feats),
             "--model", str(model_pt)]
-    r = subprocess.run([*base, "--out", str(tmp_path / "free")], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert cli(*base[3:], "--out", tmp_path / "free").exit_code == 0
     sizes = {p.stem: p.stat().st_size for p in (tmp_path / "free" / "attention").glob("*.h5")}
     limit = (sizes["slide_0000"] + sizes["slide_0002"]) // 2
     out = tmp_path / "full"
