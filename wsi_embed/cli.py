@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
+from . import __version__, batch, slides
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
 
@@ -38,10 +38,10 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Redo slides whose outputs e
 SHARD = typer.Option(None, "--shard", help="i/n: process the i-th of n deterministic shares.")
 NUM_WORKERS = typer.Option(min(8, os.cpu_count() or 1), "--num-workers",
                            help="Worker processes (0 = in the main process).")
-MAX_PLAIN_PIXELS = typer.Option(500_000_000, "--max-plain-pixels",
+MAX_PLAIN_PIXELS = typer.Option(slides.MAX_PLAIN_PIXELS, "--max-plain-pixels",
                                 help="Largest non-pyramidal image (PNG, TIFF in strips) to "
                                      "decode whole; larger ones fail with the fix.")
-SLIDE_TIMEOUT = typer.Option(1800.0, "--slide-timeout",
+SLIDE_TIMEOUT = typer.Option(batch.SLIDE_TIMEOUT, "--slide-timeout",
                              help="Seconds one slide may take before it fails and its worker "
                                   "is replaced (worker processes only).")
 

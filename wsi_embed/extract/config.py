@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batch import SLIDE_TIMEOUT
 from ..layout import OutputLayout
+from ..slides import MAX_PLAIN_PIXELS
 from .sources.choices import Decode, Reader
 
 __all__ = ["Decode", "ExtractConfig", "FeatureDtype", "Precision", "Reader"]
@@ -56,8 +58,8 @@ class ExtractConfig:
     devices: tuple[str, ...] = ()  # several: one process per device
     reader: Reader = Reader.AUTO
     decode: Decode = Decode.AUTO
-    slide_timeout: float = 1800.0  # seconds a slide's tiling or reads may take
-    max_plain_pixels: int | None = 500_000_000  # non-pyramidal images decoded whole
+    slide_timeout: float = SLIDE_TIMEOUT  # seconds a slide's tiling or one read may take
+    max_plain_pixels: int | None = MAX_PLAIN_PIXELS  # non-pyramidal images decoded whole
 
     @property
     def layout(self) -> OutputLayout:
