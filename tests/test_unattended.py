@@ -461,3 +461,28 @@ def test_quiet_surprises_are_named(tmp_path):
     for sid in ("loop_a", "loop_b"):
         assert rows[sid]["status"] == "failed" and "link" in rows[sid]["error"]
     assert not stale.exists()
+
+
+def test_a_report_that_cannot_be_written_stops_the_run_with_one_line(tmp_path):
+    """The one failure that stops a run: its report. Exit 1, one line naming the file, no
+    traceback; finished outputs stay. (Root ignores permissions, so real failures are used:
+    a file where the reports folder goes, a folder where the merged report goes, and
+    /dev/full, which fails every write with "No space left on device".)"""
+    from wsi_embed.report import ReportError, RunReport
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "reports").write_text("in the way")
+    r = cli("tile", CMU, "--out", out, "--num-workers", "0")
+    assert r.exit_code == 1 and "cannot write the run report" in r.output
+    assert "Traceback" not in r.output and not (out / "coords").exists()
+    (out / "reports").unlink()
+    (out / "tile_report.csv").mkdir()  # the merged view cannot be renamed into place
+    r = cli("tile", CMU, "--out", out, "--num-workers", "0")
+    assert r.exit_code == 1 and "cannot write the merged report" in r.output
+    assert (out / "coords" / "CMU-1-Small-Region.h5").exists()  # the work is kept
+    report = RunReport(tmp_path / "x" / "tile_report.csv", ["slide_id", "status"], "tile")
+    report._fh = open("/dev/full", "w")  # noqa: SIM115 - a real full disk under the writer
+    report._w = csv.DictWriter(report._fh, report.columns)
+    with pytest.raises(ReportError, match="No space left on device"):
+        report.add({"slide_id": "a", "status": "ok"})
