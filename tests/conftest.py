@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import shutil
 import sys
 import tempfile
@@ -41,13 +43,18 @@ def phantom(tmp_path_factory):
     return path, ph
 
 
-_SLIDES = Path(tempfile.mkdtemp(prefix="wsi-embed-test-slides-"))  # made once per session
+@functools.cache
+def _slides_cache() -> Path:
+    """Where this session keeps the slides it made (removed when it ends)."""
+    folder = Path(tempfile.mkdtemp(prefix="wsi-embed-test-slides-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def small_slide(path: Path, width: int = 2048, height: int = 1536, mpp: float = 0.5,
                 aperio: bool = True, seed: int = 0, tile: int = 256, blur: float = 0.0) -> Path:
     """`make_small_slide`, each distinct slide made once per session and copied."""
-    made = _SLIDES / f"{width}-{height}-{mpp}-{aperio}-{seed}-{tile}-{blur}{path.suffix}"
+    made = _slides_cache() / f"{width}-{height}-{mpp}-{aperio}-{seed}-{tile}-{blur}{path.suffix}"
     if not made.exists():
         make_small_slide(made, width, height, mpp, aperio, seed, tile, blur)
     return copy(made, path)

@@ -101,6 +101,7 @@ def test_sigkill_mid_run_leaves_only_complete_outputs(tmp_path):
     for p in done:
         assert check_output(p, COORDS_SCHEMA) is None, p
     assert not (out / "tile_report.csv").exists()  # no report that looks finished
+    assert "killed" in cli("status", out).output  # its own report says it never ended
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = rows(out)

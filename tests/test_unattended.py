@@ -255,10 +255,14 @@ def test_an_interrupted_run_says_so_lists_what_it_did_and_exits_130(tmp_path):
         assert row["status"] == ("ok" if sid in done else "interrupted"), row
     assert merged(out / "extract_report_test_means.csv") .keys() == rows.keys()
     assert not no_temporaries(out)
+    status = cli("status", out).output
+    assert f"interrupted {run.name}" in " ".join(status.split())
+    assert "extract_report_test_means: 5 slides:" in status and "interrupted" in status
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert {r["status"] for r in merged(out / "extract_report_test_means.csv").values()} == {
         "ok"}
+    assert "extract_report_test_means: 5 slides: 5 ok" in cli("status", out).output
 
 
 def test_a_model_folder_appears_complete_or_not_at_all(tmp_path, monkeypatch):

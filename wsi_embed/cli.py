@@ -324,6 +324,18 @@ def classify(features: Path = typer.Option(..., "--features",
 
 
 @_command
+def status(out: Path = typer.Argument(..., help="An output folder of tile/extract/classify.")
+           ) -> None:
+    """Each slide's latest status over every run into OUT, and how each run ended."""
+    from .report import status_lines
+
+    if not out.is_dir():
+        raise UsageError(f"{out} is not a folder")
+    for line in status_lines(out):
+        typer.echo(line)
+
+
+@_command
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

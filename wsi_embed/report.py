@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -219,6 +220,36 @@ def merge_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
                 continue
             latest[sid] = {**r, "run": p.name}
     return [latest[k] for k in sorted(latest)], columns + ["run"]
+
+
+def run_state(path: Path) -> str:
+    """How a run ended, from its report's name: finished, interrupted, running, or killed (a
+    `.running.csv` whose process on this host is gone)."""
+    from .claims import pid_alive
+
+    if path.name.endswith(INTERRUPTED):
+        return "interrupted"
+    if not path.name.endswith(RUNNING):
+        return "finished"
+    m = re.fullmatch(r".+-\d{8}T\d+Z-(.+)-(\d+)", path.name[: -len(RUNNING)])
+    if m and m.group(1) == socket.gethostname() and not pid_alive(int(m.group(2))):
+        return "killed"
+    return "running"
+
+
+def status_lines(out: Path) -> list[str]:
+    """`wsi-embed status OUT`: for each report, each slide's latest status counted, then
+    every run with how it ended."""
+    lines = []
+    stems = sorted({p.name.split("-")[0] for p in (out / "reports").glob("*.csv")})
+    for stem in stems:
+        runs = run_reports(out / f"{stem}.csv")
+        rows, _ = merge_rows(runs)
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        lines.append(f"{stem}: {len(rows)} slides: " + ", ".join(
+            f"{n} {s}" for s, n in counts.items() if n))
+        lines += [f"  {run_state(p):11} {p.name}" for p in runs]
+    return lines or [f"no run reports in {out / 'reports'}"]
 
 
 def write_merged(merged: Path, columns: list[str]) -> None:
