@@ -19,10 +19,10 @@ from .conftest import cli
 BIG = {"uni_v1", "uni_v2", "conch_v1_5", "virchow2", "h_optimus_0", "h_optimus_1", "gigapath",
        "phikon_v2"}
 REQUIRED = {"uni_v1", "uni_v2", "conch_v1", "conch_v1_5", "virchow2", "h_optimus_0",
-            "h_optimus_1", "gigapath", "phikon_v2", "ctranspath", "resnet50_trunc"}
+            "h_optimus_1", "gigapath", "phikon", "phikon_v2", "ctranspath", "resnet50_trunc"}
 PUBLISHED_DIM = {"uni_v1": 1024, "uni_v2": 1536, "conch_v1": 512, "conch_v1_5": 768,
                  "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536, "gigapath": 1536,
-                 "phikon_v2": 1024, "ctranspath": 768, "resnet50_trunc": 1024}
+                 "phikon": 768, "phikon_v2": 1024, "ctranspath": 768, "resnet50_trunc": 1024}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -324,3 +324,43 @@ def test_resnet50_trunc_official_layout_loads_and_is_cut_after_layer3(tmp_path):
         h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
         want = full.layer3(full.layer2(full.layer1(h))).mean(dim=(2, 3))
         assert torch.allclose(loaded(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["transformers 5", "hub (transformers 4)"])
+def test_phikon_official_layout_gives_the_hf_model_s_features(tmp_path, monkeypatch, layout):
+    """Phikon (v1) is a transformers ViTModel (ENCODERS.md §3.1, §4.10): our timm model with
+    the remapped weights must give its CLS of last_hidden_state, from the hub file's names
+    (transformers 4: `encoder.layer.N.attention.attention.query`, `intermediate.dense`, ...)
+    or transformers 5's, with the pooler (dropped) and under a `vit.` prefix. Both narrowed
+    to 2 layers of width 64; eps 1e-6 as in the hub config since its PR #1."""
+    from transformers import ViTConfig, ViTModel
+
+    small = {**PRESETS["phikon"].kwargs, "embed_dim": 64, "depth": 2, "num_heads": 4}
+    monkeypatch.setitem(PRESETS, "phikon", replace(PRESETS["phikon"], kwargs=small, dim=64))
+    torch.manual_seed(0)
+    hf = ViTModel(ViTConfig(image_size=224, patch_size=16, hidden_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                            layer_norm_eps=1e-6, qkv_bias=True), add_pooling_layer=True).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # untrained biases and norms would hide swapped names
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.startswith("pooler.") for k in sd)
+    if layout.startswith("hub") and any(k.startswith("layers.") for k in sd):
+        names = (("layers.", "encoder.layer."), ("attention.q_proj", "attention.attention.query"),
+                 ("attention.k_proj", "attention.attention.key"),
+                 ("attention.v_proj", "attention.attention.value"),
+                 ("attention.o_proj", "attention.output.dense"),
+                 ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
+        for new, old in names:
+            sd = {k.replace(new, old, 1): v for k, v in sd.items()}
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        want = hf(pixel_values=x).last_hidden_state[:, 0]
+    for name, weights in (("hub.bin", sd), ("prefixed.bin", {"vit." + k: v
+                                                            for k, v in sd.items()})):
+        torch.save(weights, tmp_path / name)
+        ours, _, _ = load_encoder("phikon", str(tmp_path / name))
+        with torch.inference_mode():
+            got = ours(x)
+        assert (got - want).abs().max() < 1e-4 * want.abs().max(), name

@@ -194,11 +194,15 @@ _HF5_ATTENTION = {"attention.q_proj": "attention.attention.query",
                   "attention.o_proj": "attention.output.dense"}
 
 
-def _hf_dinov2(sd: dict) -> dict:
-    """HF transformers Dinov2Model keys (4.x as on the hub, or 5.x) → timm ViT keys
-    (ENCODERS.md §3.2)."""
+def _hf_vit(sd: dict) -> dict:
+    """HF transformers ViTModel (ENCODERS.md §3.1) or Dinov2Model (§3.2) keys, in 4.x names as
+    on the hub or 5.x, → timm ViT keys. They differ in a few names only: ViT's
+    `layernorm_before/after`, `intermediate.dense` and the MLP's `output.dense`."""
     out: dict[str, torch.Tensor] = {}
-    sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
+    sd = {k.removeprefix("dinov2.").removeprefix("vit."): v for k, v in sd.items()}
+    # transformers ≥ 5 names ViT blocks `layers.N` (4.x and the hub files: `encoder.layer.N`)
+    sd = {("encoder.layer." + k[len("layers."):] if k.startswith("layers.") else k): v
+          for k, v in sd.items()}
     for new, old in _HF5_ATTENTION.items():
         sd = {k.replace(new, old): v for k, v in sd.items()}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -212,6 +216,8 @@ def _hf_dinov2(sd: dict) -> dict:
               .replace("layer_scale1.lambda1", "ls1.gamma")
               .replace("layer_scale2.lambda1", "ls2.gamma")
               .replace("attention.output.dense", "attn.proj")
+              .replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")
+              .replace("intermediate.dense", "mlp.fc1").replace(".output.dense", ".mlp.fc2")
               .replace("mlp.weights_in", "mlp.fc1").replace("mlp.weights_out", "mlp.fc2"))
         if k2.startswith("layernorm."):
             k2 = "norm." + k2[len("layernorm."):]
@@ -241,8 +247,8 @@ def remap_conch_v1_5(sd: dict, model: nn.Module) -> dict:
             **_prefix(sd, "ln_contrast.", "head.ln_out.")}
 
 
-def remap_hf_dinov2(sd: dict, model: nn.Module) -> dict:
-    return remap_timm(_hf_dinov2(sd), model)
+def remap_hf_vit(sd: dict, model: nn.Module) -> dict:
+    return remap_timm(_hf_vit(sd), model)
 
 
 def remap_ctranspath(sd: dict, model: nn.Module) -> dict:
@@ -313,7 +319,12 @@ PRESETS: dict[str, EncoderConfig] = {
     "phikon_v2": EncoderConfig(
         "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0},
         1024, precision="fp32", hf_repo="owkin/phikon-v2", hf_file="model.safetensors",
-        remap=remap_hf_dinov2, licence="Owkin non-commercial"),
+        remap=remap_hf_vit, licence="Owkin non-commercial"),
+    "phikon": EncoderConfig(
+        "vit_base_patch16_224", {"img_size": 224, "num_classes": 0}, 768, precision="fp32",
+        hf_repo="owkin/phikon", hf_file="pytorch_model.bin", remap=remap_hf_vit,
+        licence="Owkin non-commercial", note="iBOT ViT-B/16, HF ViTModel: CLS of "
+        "last_hidden_state"),
     "ctranspath": EncoderConfig(
         "swin_tiny_patch4_window7_224", {"num_classes": 0, "convstem": True}, 768,
         output="mean of final tokens",
