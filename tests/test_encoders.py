@@ -17,12 +17,13 @@ from wsi_embed.encoders import (
 from .conftest import cli
 
 BIG = {"uni_v1", "uni_v2", "conch_v1_5", "virchow2", "h_optimus_0", "h_optimus_1", "gigapath",
-       "phikon_v2"}
+       "phikon_v2", "midnight"}
 REQUIRED = {"uni_v1", "uni_v2", "conch_v1", "conch_v1_5", "virchow2", "h_optimus_0",
             "h_optimus_1", "gigapath", "phikon", "phikon_v2", "ctranspath", "resnet50_trunc"}
 PUBLISHED_DIM = {"uni_v1": 1024, "uni_v2": 1536, "conch_v1": 512, "conch_v1_5": 768,
                  "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536, "gigapath": 1536,
-                 "phikon": 768, "phikon_v2": 1024, "ctranspath": 768, "resnet50_trunc": 1024}
+                 "phikon": 768, "phikon_v2": 1024, "ctranspath": 768, "resnet50_trunc": 1024,
+                 "midnight": 3072}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -364,3 +365,43 @@ def test_phikon_official_layout_gives_the_hf_model_s_features(tmp_path, monkeypa
         with torch.inference_mode():
             got = ours(x)
         assert (got - want).abs().max() < 1e-4 * want.abs().max(), name
+
+
+@pytest.mark.parametrize("layout", ["transformers 5", "hub (transformers 4)"])
+def test_midnight_official_layout_gives_the_card_s_embedding(tmp_path, monkeypatch, layout):
+    """Midnight-12k is a transformers Dinov2Model with SwiGLU (ENCODERS.md §3.2, §4.14); its
+    card's embedding is cat(CLS, mean of patch tokens) of last_hidden_state. A real Dinov2Model
+    narrowed to 2 layers of width 64 (SwiGLU hidden 176, as Dinov2 rounds it; timm's packed
+    ratio 5.5) against our preset with the same narrowing."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    small = {**PRESETS["midnight"].kwargs, "embed_dim": 64, "depth": 2, "num_heads": 4,
+             "mlp_ratio": 5.5}
+    monkeypatch.setitem(PRESETS, "midnight", replace(PRESETS["midnight"], kwargs=small,
+                                                     dim=128))
+    torch.manual_seed(0)
+    hf = Dinov2Model(Dinov2Config(image_size=224, patch_size=14, hidden_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4,
+                                  use_swiglu_ffn=True, layerscale_value=1e-5)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if layout.startswith("hub") and any(".mlp.gate_proj." in k for k in sd):
+        for k in [k for k in sd if ".mlp.gate_proj." in k]:  # 4.x packs gate and up
+            block, kind = k.split(".mlp.gate_proj.")
+            sd[f"{block}.mlp.weights_in.{kind}"] = torch.cat(
+                [sd.pop(k), sd.pop(f"{block}.mlp.up_proj.{kind}")])
+            sd[f"{block}.mlp.weights_out.{kind}"] = sd.pop(f"{block}.mlp.down_proj.{kind}")
+        assert not any("_proj" in k and ".mlp." in k for k in sd)
+    save_file(sd, tmp_path / "model.safetensors")
+    ours, cfg, _ = load_encoder("midnight", str(tmp_path / "model.safetensors"))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        h = hf(pixel_values=x).last_hidden_state
+        want = torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1)
+        got = ours(x)
+    assert got.shape == (2, 128) and cfg.mean_std == ((0.5,) * 3, (0.5,) * 3)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

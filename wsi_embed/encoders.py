@@ -206,6 +206,7 @@ def _hf_vit(sd: dict) -> dict:
     for new, old in _HF5_ATTENTION.items():
         sd = {k.replace(new, old): v for k, v in sd.items()}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
+    glu: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         if k.startswith("embeddings.mask_token") or k.startswith("pooler"):
             continue
@@ -226,9 +227,16 @@ def _hf_vit(sd: dict) -> dict:
             part, kind = rest.split(".")
             qkv.setdefault(f"{block}.attn.qkv.{kind}", {})[part] = v
             continue
-        out[k2] = v
+        if ".mlp.gate_proj." in k2 or ".mlp.up_proj." in k2:  # transformers 5 SwiGLU
+            block, rest = k2.split(".mlp.")
+            part, kind = rest.split(".")
+            glu.setdefault(f"{block}.mlp.fc1.{kind}", {})[part] = v
+            continue
+        out[k2.replace(".mlp.down_proj.", ".mlp.fc2.")] = v
     for k, parts in qkv.items():
         out[k] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    for k, parts in glu.items():  # packed as 4.x `weights_in`: gate first, then up
+        out[k] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=0)
     return out
 
 
@@ -320,6 +328,12 @@ PRESETS: dict[str, EncoderConfig] = {
         "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "num_classes": 0},
         1024, precision="fp32", hf_repo="owkin/phikon-v2", hf_file="model.safetensors",
         remap=remap_hf_vit, licence="Owkin non-commercial"),
+    "midnight": EncoderConfig(
+        "vit_giant_patch14_dinov2", {"img_size": 224, "num_classes": 0, "global_pool": ""},
+        3072, head=cls_mean_head, output="CLS ⊕ mean of patch tokens", mean_std=HALF,
+        hf_repo="kaiko-ai/midnight", hf_file="model.safetensors", remap=remap_hf_vit,
+        licence="MIT", note="Midnight-12k, DINOv2 ViT-g/14 (HF Dinov2Model), trained at "
+        "0.25-2 µm/px; the card's CLS ⊕ mean (TRIDENT's default is CLS only, 1536)"),
     "phikon": EncoderConfig(
         "vit_base_patch16_224", {"img_size": 224, "num_classes": 0}, 768, precision="fp32",
         hf_repo="owkin/phikon", hf_file="pytorch_model.bin", remap=remap_hf_vit,
