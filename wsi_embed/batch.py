@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import UsageError
 from .h5io import tmp_path
 from .layout import check_slide_id
-from .report import RunReport
+from .report import RunReport, slide_row
 from .slides import SLIDE_EXTENSIONS, dicom_series_uid, mpp_problem
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,9 @@ def run_batch(jobs: list[SlideJob], fn: Callable[[SlideJob], dict], report: RunR
     crashed = _run_pool(jobs, fn, num_workers, report.add, timeout)
     for job in crashed:  # alone, so a second crash can only be this slide's fault
         for j in _run_pool([job], fn, 1, report.add, timeout):
-            report.add({"slide_id": j.slide_id, "path": str(j.path), "status": "failed",
-                        "seconds": 0, "error": "the worker process crashed reading this "
-                        "slide (corrupt file or a bug in the slide library)"})
+            report.add(slide_row(j, "failed", time.perf_counter(), error="the worker "
+                                 "process crashed reading this slide (corrupt file or a "
+                                 "bug in the slide library)"))
 
 
 def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record,
@@ -219,10 +219,10 @@ def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record,
             try:
                 record(fut.result())
             except FutureTimeout:
-                record({"slide_id": job.slide_id, "path": str(job.path), "status": "failed",
-                        "seconds": timeout, "error": f"still running after --slide-timeout "
-                        f"{timeout:g} s: stopped (its worker was replaced); a file that "
-                        "lies about its size, or raise --slide-timeout for huge slides"})
+                record(slide_row(job, "failed", time.perf_counter(), seconds=timeout,
+                                 error=f"still running after --slide-timeout {timeout:g} s: "
+                                 "stopped (its worker was replaced); a file that lies about "
+                                 "its size, or raise --slide-timeout for huge slides"))
             except ProcessExpired:
                 crashed.append(job)
     except BaseException:

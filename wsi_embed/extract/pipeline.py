@@ -20,14 +20,13 @@ from pathlib import Path
 from ..batch import SlideJob, exit_with_parent
 from ..claims import claim
 from ..errors import WsiEmbedError, describe_error
-from ..h5io import FEATURES_SCHEMA, check_output
 from ..report import RunReport, slide_row
 from ..tiling import TileParams
 from .config import ExtractConfig
 from .device import BatchFeeder, DeviceRunner
 from .plan import plan_slide
 from .sources import ReaderPool, ReadTask
-from .writer import FeatureWriter, SlideOutput
+from .writer import FeatureWriter, SlideOutput, resume_status
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def _task_stream(todo: Iterable[tuple[SlideJob, Path]], chunk: int, batch: int,
             writer.report.add(slide_row(job, "skipped", t0, warning=held))
             continue
         try:
-            if not cfg.overwrite and check_output(features, FEATURES_SCHEMA) is None:
+            if resume_status(features, writer.attrs, cfg.overwrite):
                 held.release()  # finished by another run meanwhile
                 writer.report.add(slide_row(job, "skipped", t0))
                 continue

@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import torch
 
-from .. import h5io
 from ..batch import SlideJob, exit_with_parent
 from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
@@ -24,6 +23,7 @@ from ..tiling import TileConfig, TileParams, tile_slides
 from .config import ExtractConfig, Precision
 from .device import DeviceRunner
 from .pipeline import pipeline
+from .writer import resume_status
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,13 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
     first = torch.device(devices[0])
     runner, attrs, batch = encoder_setup(cfg, first, run=len(devices) == 1)
     advise_resolution(get_config(cfg.encoder), cfg.encoder, tile_cfg.params.target_mpp)
-    expect = {k: attrs[k] for k in ("encoder", "weights", "precision")}
     todo: list[tuple[SlideJob, Path]] = []
     for job, coords_file in ensure_coords(jobs, tile_cfg, coords_dir, report,
                                           cfg.num_workers, cfg.slide_timeout):
         t0 = time.perf_counter()
         try:
             out = cfg.layout.features(cfg.encoder, job.slide_id)
-            status = h5io.resume_status(out, h5io.FEATURES_SCHEMA, expect, cfg.overwrite)
+            status = resume_status(out, attrs, cfg.overwrite)
         except Exception as e:  # noqa: BLE001 - the slide fails, the run goes on
             report.add(slide_row(job, "failed", t0, error=describe_error(e)))
             continue

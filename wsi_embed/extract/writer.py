@@ -43,9 +43,18 @@ class SlideOutput:
         return slide_row(self.plan.job, status, self.t0, **kw)
 
 
-#: what travels on the writer's queue: ("feats", features on the device, segments),
-#: ("fail", output, error) or ("empty", output, None); None ends the thread
-Segment = tuple[SlideOutput, int, int, int]  # output, first row, rows, offset in the batch
+#: what travels on the writer's queue: ("feats", features on the device, segments of
+#: (output, first row, rows, offset in the batch)), ("fail", output, error) or ("empty",
+#: output, None); None ends the thread
+
+#: the attrs of a features file that must match this run's for it to count as done
+PROVENANCE = ("encoder", "weights", "precision")
+
+
+def resume_status(path, attrs: dict, overwrite: bool) -> str | None:
+    """`h5io.resume_status` for a features file of a run recording `attrs`."""
+    return h5io.resume_status(path, h5io.FEATURES_SCHEMA, {k: attrs[k] for k in PROVENANCE},
+                              overwrite)
 
 
 class FeatureWriter(threading.Thread):

@@ -345,13 +345,3 @@ class DecodeThread(threading.Thread):
         self.tasks.put(None)
         self.room.release()  # after an error, batches may never be consumed
         self.join(timeout=30)
-
-
-def on_main_stream(patches: torch.Tensor, event) -> torch.Tensor:
-    """Make the consumer's stream wait for the decode stream, and keep the allocator from
-    reusing the tensor's memory until the consumer is done with it."""
-    if event is not None:
-        cur = torch.cuda.current_stream(patches.device)
-        cur.wait_event(event)
-        patches.record_stream(cur)
-    return patches

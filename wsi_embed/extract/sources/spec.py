@@ -87,9 +87,17 @@ class DeviceChunk:
     held_until_copied = False
 
     def copy_to(self, dst: torch.Tensor, slots: torch.Tensor) -> None:
-        from .device_jpeg import on_main_stream
-
         dst.copy_(on_main_stream(self.patches, self.event))
+
+
+def on_main_stream(patches: torch.Tensor, event) -> torch.Tensor:
+    """Make the consumer's stream wait for the decode stream, and keep the allocator from
+    reusing the tensor's memory until the consumer is done with it."""
+    if event is not None:
+        cur = torch.cuda.current_stream(patches.device)
+        cur.wait_event(event)
+        patches.record_stream(cur)
+    return patches
 
 
 class ReadResult(NamedTuple):
