@@ -16,14 +16,16 @@ from wsi_embed.encoders import (
 
 from .conftest import cli
 
-BIG = {"uni_v1", "uni_v2", "conch_v1_5", "virchow2", "h_optimus_0", "h_optimus_1", "gigapath",
-       "phikon_v2", "midnight"}
+BIG = {"uni_v1", "uni_v2", "conch_v1_5", "virchow", "virchow2", "h_optimus_0", "h_optimus_1",
+       "gigapath", "phikon_v2", "midnight", "hibou_l", "gpfm", "kaiko_vitl14"}
 REQUIRED = {"uni_v1", "uni_v2", "conch_v1", "conch_v1_5", "virchow2", "h_optimus_0",
             "h_optimus_1", "gigapath", "phikon", "phikon_v2", "ctranspath", "resnet50_trunc"}
 PUBLISHED_DIM = {"uni_v1": 1024, "uni_v2": 1536, "conch_v1": 512, "conch_v1_5": 768,
                  "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536, "gigapath": 1536,
                  "phikon": 768, "phikon_v2": 1024, "ctranspath": 768, "resnet50_trunc": 1024,
-                 "midnight": 3072}
+                 "midnight": 3072, "virchow": 2560, "hibou_b": 768, "hibou_l": 1024,
+                 "gpfm": 1024, "lunit_vits8": 384, "plip": 512, "kaiko_vits8": 384,
+                 "kaiko_vitb8": 768, "kaiko_vitl14": 1024, "chief_ctranspath": 768}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -58,8 +60,17 @@ def test_tensor_shapes_that_decide_a_strict_load():
     h = build_encoder("h_optimus_0", "meta")[0].state_dict()
     assert h["trunk.pos_embed"].shape == (1, 256, 1536)
     c = build_encoder("conch_v1_5", "meta")[0].state_dict()
-    assert c["trunk.pos_embed"].shape == (1, 785, 1024)
+    assert c["trunk.pos_embed"].shape == (1, 197, 1024)  # 14x14, as the reference builds it
     assert c["head.to_kv.weight"].shape == (1536, 1024)
+    hl = build_encoder("hibou_l", "meta")[0]
+    assert hl.state_dict()["trunk.blocks.0.mlp.fc1.weight"].shape == (5472, 1024)
+    assert hl.state_dict()["trunk.reg_token"].shape == (1, 4, 1024) and hl.num_prefix == 5
+    assert isinstance(hl.trunk.blocks[0].mlp.act, nn.SiLU)
+    k = build_encoder("kaiko_vitl14", "meta")[0].state_dict()
+    assert k["trunk.pos_embed"].shape == (1, 1369, 1024)  # the port's 37x37 grid
+    p = build_encoder("plip")[0]
+    assert p.trunk.patch_embed.proj.bias is None  # CLIP's patch embedding has none
+    assert p.state_dict()["head.proj.weight"].shape == (512, 768)
 
 
 def _perturbed(name):
@@ -236,52 +247,6 @@ def test_encoders_command_lists_the_registry(tmp_path):
             "random", "--num-workers", "0", "--tissue", "none")
     assert r.exit_code == 0 and "ctranspath was trained on patches at 1 µm/px" in r.output
     assert "this run tiles at 0.5 µm/px" in r.output
-
-
-def _official_conch_v1_5(model) -> dict:
-    """Our model's weights in the official CONCH v1.5 vision file's names (ENCODERS.md §3.6:
-    `trunk.*`, `attn_pool_contrast.{query,ln_q,ln_k,to_q,to_kv,to_out}`, `ln_contrast.*`)."""
-    sd = model.state_dict()
-    out = {k: v for k, v in sd.items() if k.startswith("trunk.")}
-    out |= {"ln_contrast." + k[len("head.ln_out."):]: v for k, v in sd.items()
-            if k.startswith("head.ln_out.")}
-    out |= {"attn_pool_contrast." + k[len("head."):]: v for k, v in sd.items()
-            if k.startswith("head.") and not k.startswith("head.ln_out.")}
-    return out
-
-
-@pytest.mark.parametrize("grid", [28, 14])
-def test_conch_v1_5_official_layout_loads_with_either_position_grid(tmp_path, monkeypatch,
-                                                                    caplog, grid):
-    """The official file shares the `trunk.` prefix with our layout: it used to be taken as
-    ours and fail with 10 missing and 10 unexpected pooler keys. Its position embedding is
-    seen for a 28x28 (native 448) and a 14x14 grid: the latter is resampled as timm does, and
-    the log says so. (Trunk narrowed to 2 layers of width 64; the remap is per key.)"""
-    from timm.layers import resample_abs_pos_embed
-
-    small = {**PRESETS["conch_v1_5"].kwargs, "embed_dim": 64, "depth": 2, "num_heads": 4}
-    monkeypatch.setitem(PRESETS, "conch_v1_5", replace(PRESETS["conch_v1_5"], kwargs=small))
-    model, _ = _perturbed("conch_v1_5")
-    official = _official_conch_v1_5(model)
-    assert {k.split(".")[0] for k in official} == {"trunk", "attn_pool_contrast", "ln_contrast"}
-    assert official["trunk.pos_embed"].shape == (1, 785, 64)
-    if grid == 14:
-        official["trunk.pos_embed"] = resample_abs_pos_embed(
-            official["trunk.pos_embed"], new_size=[14, 14], num_prefix_tokens=1)
-    torch.save(official, tmp_path / "pytorch_model_vision.bin")
-    caplog.set_level("WARNING")
-    loaded, _, _ = load_encoder("conch_v1_5", str(tmp_path / "pytorch_model_vision.bin"))
-    x = torch.rand(2, 3, 448, 448)
-    with torch.inference_mode():
-        got = loaded(x)
-        if grid == 28:
-            assert torch.equal(got, model(x)) and not caplog.records
-        else:
-            want = resample_abs_pos_embed(official["trunk.pos_embed"], new_size=[28, 28],
-                                          num_prefix_tokens=1)
-            assert torch.allclose(loaded.state_dict()["trunk.pos_embed"], want, atol=1e-6)
-            assert "14x14 patch grid" in caplog.text and "28x28" in caplog.text
-            assert got.shape == (2, 768) and torch.isfinite(got).all()
 
 
 def test_ctranspath_official_layout_loads(tmp_path):

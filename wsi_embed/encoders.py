@@ -26,6 +26,8 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
+LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
 
 
 Remap = Callable[[dict, nn.Module], dict]
@@ -62,6 +64,8 @@ class EncoderConfig:
     target_mpp: float = 0.5  # the resolution the authors trained at (a warning otherwise)
     output: str = "CLS token"  # what the embedding is
     note: str = ""
+    #: how a stored position embedding of another grid is resampled at load (the reference's)
+    pos_embed_fit: tuple[str, bool] = ("bicubic", True)  # (interpolation, antialias)
 
     @property
     def arch_name(self) -> str:
@@ -155,6 +159,22 @@ class ClsMean(nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=-1)
 
 
+class ClsProjection(nn.Module):
+    """CLIP's image embedding: the class token (after the final norm) times the bias-free
+    visual projection."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, out, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens[:, 0])
+
+
+def clip_projection_head(trunk: nn.Module) -> nn.Module:
+    return ClsProjection(trunk.embed_dim, 512)
+
+
 def cls_mean_head(trunk: nn.Module) -> nn.Module:
     return ClsMean(getattr(trunk, "num_prefix_tokens", 1))
 
@@ -165,6 +185,28 @@ def conch_v1_head(trunk: nn.Module) -> nn.Module:
 
 def conch_v1_5_head(trunk: nn.Module) -> nn.Module:
     return ConchV15Pooler(768, trunk.embed_dim)
+
+
+def ibot_position_interpolation(trunk: nn.Module) -> None:
+    """CONCH v1.5 (iBOT/DINO code) interpolates its 14x14 position grid to the input's at run
+    time by a scale factor with DINO's +0.1 offset, not to a size as timm does; the two differ
+    slightly, so the trunk does it the reference's way."""
+    import math
+
+    def pos_embed(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        pos = trunk.pos_embed
+        n = int(math.sqrt(pos.shape[1] - 1))
+        grid = pos[:, 1:]
+        if (h, w) != (n, n):
+            grid = nn.functional.interpolate(
+                grid.reshape(1, n, n, c).permute(0, 3, 1, 2),
+                scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic")
+            grid = grid.permute(0, 2, 3, 1).reshape(1, -1, c)
+        return torch.cat([trunk.cls_token.expand(b, -1, -1) + pos[:, :1],
+                          x.reshape(b, -1, c) + grid], dim=1)
+
+    trunk._pos_embed = pos_embed
 
 
 def truncate_after_layer3(trunk: nn.Module) -> None:
@@ -259,6 +301,53 @@ def remap_hf_vit(sd: dict, model: nn.Module) -> dict:
     return remap_timm(_hf_vit(sd), model)
 
 
+def remap_hf_dinov2_registers(sd: dict, model: nn.Module) -> dict:
+    """HF Dinov2 with registers (Hibou) → timm `*_reg4_dinov2` (ENCODERS.md §3.3): the HF
+    position embedding covers the class token, timm's (no_embed_class) does not, so the
+    class token's position is folded into the token, as timm's own DINOv2-reg filter does."""
+    sd = _hf_vit(sd)
+    pos = sd["pos_embed"]
+    sd["cls_token"] = sd["cls_token"].float() + pos[:, :1].float()  # fp16 files: add in fp32
+    sd["pos_embed"] = pos[:, 1:]
+    sd["reg_token"] = sd.pop("embeddings.register_tokens")
+    return remap_timm(sd, model)
+
+
+#: HF CLIP vision tower → timm CLIP ViT names (the q/k/v projections are packed apart)
+_HF_CLIP = (("embeddings.patch_embedding.", "patch_embed.proj."), ("pre_layrnorm.", "norm_pre."),
+            ("post_layernorm.", "norm."), ("encoder.layers.", "blocks."),
+            (".self_attn.out_proj.", ".attn.proj."), (".layer_norm1.", ".norm1."),
+            (".layer_norm2.", ".norm2."))
+
+
+def remap_hf_clip(sd: dict, model: nn.Module) -> dict:
+    """transformers CLIPModel (PLIP) → trunk (timm CLIP ViT) + `ClsProjection`; the text
+    tower is dropped."""
+    out = {"head.proj.weight": sd["visual_projection.weight"]}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if not k.startswith("vision_model.") or k.endswith("position_ids"):
+            continue
+        k = k[len("vision_model."):]
+        if k == "embeddings.class_embedding":
+            out["trunk.cls_token"] = v.reshape(1, 1, -1)
+            continue
+        if k == "embeddings.position_embedding.weight":
+            out["trunk.pos_embed"] = v.unsqueeze(0)
+            continue
+        for old, new in _HF_CLIP:
+            k = k.replace(old, new)
+        if ".self_attn." in k:
+            block, rest = k.split(".self_attn.")
+            part, kind = rest.split(".")
+            qkv.setdefault(f"trunk.{block}.attn.qkv.{kind}", {})[part] = v
+            continue
+        out["trunk." + k] = v
+    for k, parts in qkv.items():
+        out[k] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+    return out
+
+
 def remap_ctranspath(sd: dict, model: nn.Module) -> dict:
     """timm 0.5.4 Swin (the TransPath and CHIEF files) → timm 1.0, by timm's own filter."""
     from timm.models.swin_transformer import checkpoint_filter_fn
@@ -271,6 +360,27 @@ def remap_ctranspath(sd: dict, model: nn.Module) -> dict:
 def remap_resnet_trunc(sd: dict, model: nn.Module) -> dict:
     return remap_timm({k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))},
                       model)
+
+
+def _kaiko(arch: str, dim: int, port: str = "", note: str = "", **kwargs) -> EncoderConfig:
+    """kaiko.ai's ViTs ("Towards large-scale training of pathology FMs") as 1aurent's timm
+    ports: one row shape, mean = std = 0.5, CLS."""
+    return EncoderConfig(
+        arch, {"img_size": 224, "num_classes": 0, **kwargs}, dim, mean_std=HALF,
+        precision="fp32", hf_repo=f"1aurent/{port or arch}.kaiko_ai_towards_large_pathology_fms",
+        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)", note=note)
+
+
+def _hibou(arch: str, dim: int, mlp_ratio: float, repo: str, gated: bool = False,
+           note: str = "") -> EncoderConfig:
+    """HistAI's Hibou: HF Dinov2 with 4 registers and SwiGLU; the embedding is the
+    pooler_output (the CLS token after the final norm)."""
+    return EncoderConfig(
+        arch, {"img_size": 224, "init_values": 1e-5, "mlp_ratio": mlp_ratio, "num_classes": 0,
+               "global_pool": "token", "swiglu": True},
+        dim, output="CLS token (pooler_output)", interpolation="bicubic", mean_std=HIBOU,
+        precision="fp32", hf_repo=repo, hf_file="model.safetensors",
+        remap=remap_hf_dinov2_registers, licence="Apache-2.0", gated=gated, note=note)
 
 
 #: The registry. Keys are preset names as used by `--encoder`.
@@ -292,12 +402,22 @@ PRESETS: dict[str, EncoderConfig] = {
         mean_std=CLIP, precision="fp32", hf_repo="MahmoodLab/CONCH", remap=remap_conch_v1,
         licence="CC-BY-NC-ND-4.0", gated=True, note="image tower: attention-pooled, no proj"),
     "conch_v1_5": EncoderConfig(
-        "vit_large_patch16_224", {"img_size": 448, "init_values": 1.0, "num_classes": 0,
+        "vit_large_patch16_224", {"img_size": 224, "init_values": 1.0, "num_classes": 0,
                                   "dynamic_img_size": True, "global_pool": ""},
         768, head=conch_v1_5_head, output="attention-pooled (1 query) + LayerNorm",
         input_size=448, resize=448, hf_repo="MahmoodLab/conchv1_5",
         hf_file="pytorch_model_vision.bin", remap=remap_conch_v1_5, licence="CC-BY-NC-ND-4.0",
-        gated=True),
+        gated=True, adapt=ibot_position_interpolation, pos_embed_fit=("bilinear", False),
+        note="trunk on a 14x14 grid as the reference (TRIDENT/CONCH) builds it: a 28x28 "
+        "stored grid is resampled at load, 448 px input interpolated at run time"),
+    "virchow": EncoderConfig(
+        "vit_huge_patch14_224",
+        {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
+         "num_classes": 0, "dynamic_img_size": True, "swiglu": True},
+        2560, head=cls_mean_head, output="CLS ⊕ mean of patch tokens",
+        interpolation="bicubic", precision="fp16", hf_repo="paige-ai/Virchow",
+        licence="Apache-2.0 (config field; gated, HF access terms)", gated=True,
+        note="Virchow v1, ViT-H/14 SwiGLU"),
     "virchow2": EncoderConfig(
         "vit_huge_patch14_224",
         {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
@@ -350,16 +470,43 @@ PRESETS: dict[str, EncoderConfig] = {
         output="layer3 features, averaged",
         hf_repo="timm/resnet50.tv_in1k", hf_file="model.safetensors", remap=remap_resnet_trunc,
         licence="BSD-3-Clause", note="ImageNet ResNet-50 cut after layer3 (CLAM baseline)"),
-    "kaiko_vits16": EncoderConfig(
-        "vit_small_patch16_224", {"img_size": 224, "num_classes": 0}, 384,
-        mean_std=HALF, precision="fp32",
-        hf_repo="1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
-    "kaiko_vitb16": EncoderConfig(
-        "vit_base_patch16_224", {"img_size": 224, "num_classes": 0}, 768,
-        mean_std=HALF, precision="fp32",
-        hf_repo="1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        hf_file="model.safetensors", licence="kaiko non-commercial (HF tag)"),
+    "chief_ctranspath": EncoderConfig(
+        "swin_tiny_patch4_window7_224", {"num_classes": 0, "convstem": True}, 768,
+        output="mean of final tokens", precision="fp32", hf_file="CHIEF_CTransPath.pth",
+        remap=remap_ctranspath, licence="GPL-3.0 (CTransPath); weights: hest-bench terms",
+        gated=True, target_mpp=1.0,
+        note="CHIEF's re-trained CTransPath (TRIDENT's 'ctranspath'): dataset "
+        "MahmoodLab/hest-bench, fm_v1/ctranspath/CHIEF_CTransPath.pth"),
+    "hibou_b": _hibou("vit_base_patch14_reg4_dinov2", 768, 5.33334, "histai/hibou-b",
+                      note="DINOv2 ViT-B/14, 4 registers, SwiGLU"),
+    "hibou_l": _hibou("vit_large_patch14_reg4_dinov2", 1024, 5.34375, "histai/hibou-L",
+                      gated=True, note="DINOv2 ViT-L/14, 4 registers, SwiGLU (packed width "
+                      "5472: HF's SwiGLU sizing, not 2 x 2.66667)"),
+    "gpfm": EncoderConfig(
+        "vit_large_patch14_dinov2",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        1024, interpolation="bicubic", precision="fp16", hf_repo="majiabo/GPFM",
+        hf_file="GPFM.pth", licence="CC-BY-NC-ND-4.0", note="GPFM, DINOv2 ViT-L/14"),
+    "lunit_vits8": EncoderConfig(
+        "vit_small_patch8_224", {"img_size": 224, "num_classes": 0}, 384,
+        interpolation="bicubic", mean_std=LUNIT, precision="fp32",
+        hf_repo="1aurent/vit_small_patch8_224.lunit_dino", hf_file="model.safetensors",
+        licence="Lunit non-commercial", note="Lunit DINO ViT-S/8 (trained at 20x and 40x)"),
+    "plip": EncoderConfig(
+        "vit_base_patch32_clip_quickgelu_224", {"img_size": 224, "num_classes": 0,
+                                                 "global_pool": ""},
+        512, head=clip_projection_head, output="CLS projected (CLIP image embedding)",
+        interpolation="bicubic", mean_std=CLIP, precision="fp32", hf_repo="vinid/plip",
+        remap=remap_hf_clip, licence="see the vinid/plip card (research use)",
+        note="PLIP: CLIP ViT-B/32 image tower (transformers CLIPModel)"),
+    "kaiko_vits8": _kaiko("vit_small_patch8_224", 384),
+    "kaiko_vits16": _kaiko("vit_small_patch16_224", 384),
+    "kaiko_vitb8": _kaiko("vit_base_patch8_224", 768),
+    "kaiko_vitb16": _kaiko("vit_base_patch16_224", 768),
+    "kaiko_vitl14": _kaiko(
+        "vit_large_patch14_reg4_dinov2", 1024, port="vit_large_patch14_reg4_224", img_size=518,
+        dynamic_img_size=True,
+        note="checkpoint grid 37x37 (518 px), run at 224 with timm's dynamic resampling"),
 }
 
 
@@ -427,13 +574,13 @@ def remap_checkpoint(sd: dict, cfg: EncoderConfig, model: Encoder) -> dict:
             remapped = None  # not this preset's official layout at all
         if remapped is not None and len(want ^ set(remapped)) <= len(want ^ set(sd)):
             sd = remapped
-    return _fit_pos_embed(sd, model)
+    return _fit_pos_embed(sd, model, cfg.pos_embed_fit)
 
 
-def _fit_pos_embed(sd: dict, model: Encoder) -> dict:
+def _fit_pos_embed(sd: dict, model: Encoder, how: tuple[str, bool]) -> dict:
     """Resample `trunk.pos_embed` when it was stored for another patch grid (CONCH v1.5 is
-    seen with 14x14 and 28x28): bicubic with antialias, as timm's own checkpoint filter and
-    dynamic image size do, saying so in the log."""
+    seen with 14x14 and 28x28) the way the preset's reference does (timm's checkpoint
+    filter: bicubic, antialiased; CONCH v1.5: bilinear), saying so in the log."""
     key = "trunk.pos_embed"
     want = model.state_dict().get(key)
     have = sd.get(key)
@@ -447,12 +594,14 @@ def _fit_pos_embed(sd: dict, model: Encoder) -> dict:
     old = int(round((have.shape[1] - prefix) ** 0.5))
     if old * old + prefix != have.shape[1] or have.shape[2] != want.shape[2]:
         return sd  # not a square grid of this width: the strict load names the mismatch
+    mode, antialias = how
     log.warning("the checkpoint's position embedding is for a %dx%d patch grid, the model's "
-                "%dx%d: resampled (bicubic, antialiased, as timm does)", old, old, *grid)
+                "%dx%d: resampled (%s%s, as the reference implementation does)", old, old,
+                *grid, mode, ", antialiased" if antialias else "")
     sd = dict(sd)
     sd[key] = resample_abs_pos_embed(have.float(), new_size=list(grid), old_size=[old, old],
-                                     num_prefix_tokens=prefix, interpolation="bicubic",
-                                     antialias=True).to(have.dtype)
+                                     num_prefix_tokens=prefix, interpolation=mode,
+                                     antialias=antialias).to(have.dtype)
     return sd
 
 
