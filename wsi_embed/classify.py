@@ -7,12 +7,13 @@ One slide's bad file is a row in the report, never the end of the run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .bags import BagStore, scan_features
+from .bags import BagStore, FeatureSet, scan_features
 from .batch import discover
 from .devices import pick_device
 from .errors import FeatureFileError, ModelError, UsageError, describe_error, one_line
@@ -56,7 +57,8 @@ def check_compatible(spec, fs, features: Path) -> None:
 
 
 def write_attention(path: Path, coords: np.ndarray, coords_attrs: dict, attention, patch_probs,
-                    probs: np.ndarray, classes: list[str], head: str) -> None:
+                    probs: np.ndarray, classes: list[str], head: str,
+                    extra: dict[str, np.ndarray] | None = None) -> None:
     with atomic_h5(path) as f:
         set_attrs(f, {"schema": "wsi-embed/attention/1", "head": head,
                       "classes": np.array(classes, dtype=object),
@@ -67,13 +69,47 @@ def write_attention(path: Path, coords: np.ndarray, coords_attrs: dict, attentio
             f.create_dataset("attention", data=attention.astype(np.float32))
         if patch_probs is not None:
             f.create_dataset("patch_probabilities", data=patch_probs.astype(np.float32))
+        for name, data in (extra or {}).items():
+            f.create_dataset(name, data=np.asarray(data, np.float32))
 
 
-def _slide_paths(folder: Path) -> dict[str, Path]:
+def slide_paths(folder: Path) -> dict[str, Path]:
     try:
         return {j.slide_id: j.path for j in discover([folder], recursive=True)}
     except UsageError as e:
         raise FeatureFileError(f"--slides: {e}") from None
+
+
+def predict_slides(fs: FeatureSet, out: Path, classes: list[str], command: str,
+                   predict_one: Callable[[str, OutputLayout], dict]) -> RunReport:
+    """The per-slide loop of `classify` and `zero-shot`: `predictions.csv` through a run
+    report, one row per slide, a slide's failure (a bad file, a full disk) its row only."""
+    layout = OutputLayout(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in layout.classify_dirs():
+        remove_stale_tmp(folder)
+    columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in classes),
+               "status", "error"]
+    with RunReport(layout.predictions, columns, command) as report:
+        report.expect(sorted({*fs.metas, *fs.unreadable}))
+        for sid, why in sorted(fs.unreadable.items()):
+            report.add({"slide_id": sid, "status": "failed", "error": why})
+        for sid in sorted(fs.metas):
+            row = {"slide_id": sid, "n_patches": fs.metas[sid].n}
+            try:
+                row |= predict_one(sid, layout)
+            except WRITE_ERRORS as e:  # a full disk, a file-size limit
+                row |= {"status": "failed", "error": f"cannot write its outputs in {out} "
+                        f"({one_line(e)[:300]}): free disk space and rerun"}
+            except Exception as e:  # noqa: BLE001 - one slide never stops the run
+                row |= {"status": "failed", "error": describe_error(e)}
+            report.add(row)
+    return report
+
+
+def prediction_row(classes: list[str], probs: np.ndarray) -> dict:
+    row = {"prediction": classes[int(probs.argmax())], "status": "ok", "error": ""}
+    return row | {f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, probs, strict=True)}
 
 
 def run_classify(cfg: ClassifyConfig) -> RunReport:
@@ -82,29 +118,11 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
     spec = model.spec
     fs = scan_features(cfg.features, lenient=True)
     check_compatible(spec, fs, cfg.features)
-    slides = _slide_paths(cfg.slides) if cfg.slides else {}
-    layout = OutputLayout(cfg.out)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for folder in layout.classify_dirs():
-        remove_stale_tmp(folder)
+    slides = slide_paths(cfg.slides) if cfg.slides else {}
     store = BagStore(fs.metas, cache_bytes=0)  # each bag is used once
-    columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in spec.classes),
-               "status", "error"]
-    with RunReport(layout.predictions, columns, "classify") as report:
-        report.expect(sorted({*fs.metas, *fs.unreadable}))
-        for sid, why in sorted(fs.unreadable.items()):
-            report.add({"slide_id": sid, "status": "failed", "error": why})
-        for sid in sorted(fs.metas):
-            row = {"slide_id": sid, "n_patches": fs.metas[sid].n}
-            try:
-                row |= _classify_one(sid, fs.metas[sid].path, store, model, device, layout,
-                                     cfg.top_k, slides.get(sid))
-            except WRITE_ERRORS as e:  # a full disk, a file-size limit
-                row |= {"status": "failed", "error": f"cannot write its outputs in {cfg.out} "
-                        f"({one_line(e)[:300]}): free disk space and rerun"}
-            except Exception as e:  # noqa: BLE001 - one slide never stops the run
-                row |= {"status": "failed", "error": describe_error(e)}
-            report.add(row)
+    report = predict_slides(fs, cfg.out, spec.classes, "classify", lambda sid, layout:
+                            _classify_one(sid, fs.metas[sid].path, store, model, device,
+                                          layout, cfg.top_k, slides.get(sid)))
     if cfg.slides:
         missing = sorted(set(fs.metas) - set(slides))
         if missing:
@@ -136,23 +154,30 @@ def _microns_to_level0(path: Path, coords: np.ndarray, attrs: dict, slide_path: 
     return np.zeros((0, 2), np.int64), {}
 
 
+def coords_for_maps(path: Path, n_patches: int, slide_path: Path | None
+                    ) -> tuple[np.ndarray, dict]:
+    """A features file's patch coords in level-0 px for attention files, heatmaps and GeoJSON;
+    none (with a warning) when they do not match the patches."""
+    coords, coords_attrs = read_patch_coords(path)
+    if coords_attrs.get("unit") == "um":
+        coords, coords_attrs = _microns_to_level0(path, coords, coords_attrs, slide_path)
+    if len(coords) != n_patches:
+        log.warning("%s: %d coords for %d patches; no attention map", path, len(coords),
+                    n_patches)
+        coords = np.zeros((0, 2), np.int64)
+    return coords, coords_attrs
+
+
 def _classify_one(sid: str, path: Path, store: BagStore, model, device,
                   layout: OutputLayout, top_k: int, slide_path: Path | None) -> dict:
     spec = model.spec
     if store.n_patches(sid) == 0:
         return {"status": "failed", "error": "no patches (no tissue found); nothing to classify"}
     probs, attn, patch_probs = predict_bag(model, store.get(sid), device)
-    coords, coords_attrs = read_patch_coords(path)
-    if coords_attrs.get("unit") == "um":
-        coords, coords_attrs = _microns_to_level0(path, coords, coords_attrs, slide_path)
-    if len(coords) != store.n_patches(sid):
-        log.warning("%s: %d coords for %d patches; no attention map", path, len(coords),
-                    store.n_patches(sid))
-        coords = np.zeros((0, 2), np.int64)
+    coords, coords_attrs = coords_for_maps(path, store.n_patches(sid), slide_path)
     write_attention(layout.classify_output("attention", sid), coords, coords_attrs, attn,
                     patch_probs, probs, spec.classes, spec.head)
-    row = {"prediction": spec.classes[int(probs.argmax())], "status": "ok", "error": ""}
-    row |= {f"prob_{c}": f"{p:.6f}" for c, p in zip(spec.classes, probs, strict=True)}
+    row = prediction_row(spec.classes, probs)
     if slide_path is not None and len(coords):
         from .viz import slide_figures
 

@@ -15,6 +15,7 @@ import typer
 from . import __version__, batch, slides
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
+from .pooling import Pooling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-slide images to patch embeddings and slide-level predictions.")
@@ -321,6 +322,55 @@ def classify(features: Path = typer.Option(..., "--features",
 
     _setup_logging(log_level)
     _finish(run_classify(ClassifyConfig(features, model, out, slides, top_k, device)))
+
+
+CONCH_WEIGHTS = typer.Option(None, "--weights",
+                             help="CONCH's full checkpoint (text tower included), or 'random' "
+                                  "(tests); default: $WSI_EMBED_WEIGHTS/conch_v1, the hub.")
+TOKENIZER = typer.Option(None, "--tokenizer",
+                         help="CONCH's conch_byte_level_bpe_uncased.json (default: beside the "
+                              "checkpoint or in $WSI_EMBED_WEIGHTS/conch_v1).")
+CONCH_FEATURES = typer.Option(..., "--features",
+                              help="Folder of conch_v1 features (OUT/features/conch_v1).")
+
+
+@_command
+def zero_shot(features: Path = CONCH_FEATURES,
+              classes: Path = typer.Option(..., "--classes",
+                                           help="YAML: classes (each with names) and optional "
+                                                "templates with CLASSNAME."),
+              out: Path = OUT, weights: str = CONCH_WEIGHTS, tokenizer: Path = TOKENIZER,
+              top_k: int = typer.Option(50, "--top-k", help="Patches pooled per class (topk)."),
+              pooling: Pooling = typer.Option(Pooling.TOPK, "--pooling",
+                                              help="topk (MI-Zero) or mean."),
+              slides: Path = typer.Option(None, "--slides",
+                                          help="Slide folder: adds heatmaps, patches, GeoJSON."),
+              labels: Path = typer.Option(None, "--labels",
+                                          help="CSV slide_id,label: adds metrics.json."),
+              log_level: str = LOG_LEVEL) -> None:
+    """Classify slides from CONCH features and class prompts, no training (MI-Zero)."""
+    from .zeroshot import ZeroShotConfig, run_zero_shot
+
+    _setup_logging(log_level)
+    _finish(run_zero_shot(ZeroShotConfig(features, classes, out, weights, tokenizer, top_k,
+                                         pooling, slides, labels)))
+
+
+@_command
+def search(features: Path = CONCH_FEATURES,
+           text: str = typer.Option(..., "--text", help="What to look for, in words."),
+           out: Path = OUT, weights: str = CONCH_WEIGHTS, tokenizer: Path = TOKENIZER,
+           top: int = typer.Option(50, "--top", help="How many patches."),
+           slides: Path = typer.Option(None, "--slides",
+                                       help="Slide folder: adds an image grid of the patches."),
+           log_level: str = LOG_LEVEL) -> None:
+    """The patches over all slides that best match a text (CONCH)."""
+    from .zeroshot import SearchConfig, run_search
+
+    _setup_logging(log_level)
+    hits = run_search(SearchConfig(features, text, out, weights, tokenizer, top, slides))
+    log.info("%d patches from %d slides in %s", len(hits), len({h.slide_id for h in hits}),
+             out / "search.csv")
 
 
 @_command

@@ -215,7 +215,7 @@ def truncate_after_layer3(trunk: nn.Module) -> None:
 
 
 # -- checkpoints ---------------------------------------------------------------------------
-def _unwrap(sd: dict) -> dict:
+def unwrap_state_dict(sd: dict) -> dict:
     """Strip the containers and prefixes that training frameworks add."""
     for key in ("state_dict", "model", "module"):
         if key in sd and isinstance(sd[key], dict) and not isinstance(sd[key], torch.Tensor):
@@ -565,7 +565,7 @@ def remap_checkpoint(sd: dict, cfg: EncoderConfig, model: Encoder) -> dict:
     whichever differs from the model's keys in fewer names, so that a strict load that
     fails names the keys that really differ. A position embedding stored for another grid
     is then resampled to the model's."""
-    sd = _unwrap(sd)
+    sd = unwrap_state_dict(sd)
     want = set(model.state_dict())
     if set(sd) != want:
         try:
@@ -735,6 +735,8 @@ class PresetRow:
 def registry_table() -> list[PresetRow]:
     return [PresetRow(n, c.arch_name, c.dim, c.output, c.input_size, c.resize,
                       c.interpolation, tuple(c.mean_std[0]), tuple(c.mean_std[1]),
-                      c.target_mpp, c.precision, f"hf:{c.hf_repo}", c.hf_file, c.gated,
+                      c.target_mpp, c.precision,
+                      f"hf:{c.hf_repo}" if c.hf_repo else "manual download (see note)",
+                      c.hf_file, c.gated,
                       c.licence, c.note)
             for n, c in sorted(PRESETS.items())]

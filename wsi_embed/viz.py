@@ -45,11 +45,12 @@ HEATMAP_MAX_SIDE = 2048
 GRID_PX = 160
 
 
-def patch_scores(attn, patch_probs, probs) -> tuple[np.ndarray, str]:
-    """The per-patch score to map: attention, else (heads without it) the patch-level
-    probability of the predicted class."""
+def patch_scores(attn, patch_probs, probs, attn_name: str = "attention"
+                 ) -> tuple[np.ndarray, str]:
+    """The per-patch score to map: attention (or what stands for it, named `attn_name`),
+    else (heads without it) the patch-level probability of the predicted class."""
     if attn is not None:
-        return attn, "attention"
+        return attn, attn_name
     return patch_probs[:, int(np.argmax(probs))], "patch probability"
 
 
@@ -135,12 +136,12 @@ def write_geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict
 
 def slide_figures(layout: OutputLayout, sid: str, slide_path: Path, coords: np.ndarray,
                   coords_attrs: dict, attn, patch_probs, probs: np.ndarray, classes: list[str],
-                  top_k: int) -> str | None:
+                  top_k: int, attn_name: str = "attention") -> str | None:
     """Heatmap PNG, top/bottom-k patch grid and GeoJSON for one slide; returns a warning
     instead of raising when the slide cannot be read (the prediction still stands)."""
     from .slides import SlideError, open_slide, read_thumbnail
 
-    score, what = patch_scores(attn, patch_probs, probs)
+    score, what = patch_scores(attn, patch_probs, probs, attn_name)
     size0 = patch_size_level0(coords, coords_attrs)
     measurements = {what.replace(" ", "_"): score, "rank": rank_normalise(score)}
     if patch_probs is not None:
