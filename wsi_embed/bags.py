@@ -29,10 +29,11 @@ class FeatureSet:
     unreadable: dict[str, str] = field(default_factory=dict)  # slide id → why (lenient scan)
 
 
-def scan_features(folder: Path, lenient: bool = False) -> FeatureSet:
-    """Every `<slide_id>.h5` in `folder`; refuses a mix of dims, encoders or weights. A file
-    that cannot be used is an error naming it, or with `lenient` (classify: one slide's bad
-    file is its failed row) set aside in `unreadable`."""
+def scan_features(folder: Path, lenient: bool = False, mixed: bool = False) -> FeatureSet:
+    """Every `<slide_id>.h5` in `folder`; refuses a mix of dims, encoders or weights (unless
+    `mixed`: encode-slides checks each slide on its own). A file that cannot be used is an
+    error naming it, or with `lenient` (classify: one slide's bad file is its failed row)
+    set aside in `unreadable`."""
     if not folder.is_dir():
         raise FeatureFileError(f"--features {folder} is not a folder")
     paths = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
@@ -53,7 +54,8 @@ def scan_features(folder: Path, lenient: bool = False) -> FeatureSet:
     if not metas:
         raise FeatureFileError(f"no usable features file in {folder}: "
                                + "; ".join(list(unreadable.values())[:3]))
-    for key, what in (("dim", "dims"), ("encoder", "encoders"), ("weights", "weights")):
+    for key, what in () if mixed else (("dim", "dims"), ("encoder", "encoders"),
+                                           ("weights", "weights")):
         groups: dict[object, list[str]] = {}
         for sid, m in metas.items():
             groups.setdefault(getattr(m, key), []).append(sid)

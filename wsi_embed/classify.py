@@ -161,6 +161,8 @@ def coords_for_maps(path: Path, n_patches: int, slide_path: Path | None
     coords, coords_attrs = read_patch_coords(path)
     if coords_attrs.get("unit") == "um":
         coords, coords_attrs = _microns_to_level0(path, coords, coords_attrs, slide_path)
+    if not len(coords) and n_patches == 1:  # a slide embedding: nothing to map
+        return coords, coords_attrs
     if len(coords) != n_patches:
         log.warning("%s: %d coords for %d patches; no attention map", path, len(coords),
                     n_patches)

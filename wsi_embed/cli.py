@@ -188,20 +188,26 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
 def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The encoder registry: name, architecture, dim, input size, µm/px, weights, licence
     (--json: every fact a pipeline needs: output, preprocessing, precision, ...)."""
-    from dataclasses import asdict
-
     from .encoders import registry_table
 
-    rows = registry_table()
+    _print_table(registry_table(), as_json,
+                 f"{'name':16} {'architecture':32} {'dim':>5} {'input':>5} {'µm/px':>5}  "
+                 f"{'weights':58} licence",
+                 lambda r: f"{r.name:16} {r.arch:32} {r.dim:>5} {r.input_size:>5} "
+                           f"{r.target_mpp:>5g}  {r.weights + (' (gated)' if r.gated else ''):58} "
+                           f"{r.licence}")
+
+
+def _print_table(rows: list, as_json: bool, header: str, line) -> None:
+    """A registry as JSON (every field) or as a header and one line per row."""
+    from dataclasses import asdict
+
     if as_json:
         typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
-    typer.echo(f"{'name':16} {'architecture':32} {'dim':>5} {'input':>5} {'µm/px':>5}  "
-               f"{'weights':58} licence")
+    typer.echo(header)
     for r in rows:
-        gated = " (gated)" if r.gated else ""
-        typer.echo(f"{r.name:16} {r.arch:32} {r.dim:>5} {r.input_size:>5} {r.target_mpp:>5g}  "
-                   f"{r.weights + gated:58} {r.licence}")
+        typer.echo(line(r))
 
 
 @_command
@@ -278,7 +284,8 @@ def train(features: Path = typer.Option(..., "--features",
                                       help="CSV: slide_id,label[,patient_id][,split]."),
           out: Path = OUT,
           head: str = typer.Option("abmil", "--head",
-                                   help="abmil, resampler, transmil, clam-sb or mean."),
+                                   help="abmil, resampler, transmil, clam-sb, mean; for slide "
+                                        "embeddings linear or mlp."),
           folds: int = typer.Option(5, "--folds", help="Patient-level stratified folds."),
           epochs: int = typer.Option(30, "--epochs"),
           lr: float = typer.Option(2e-4, "--lr"),
@@ -322,6 +329,43 @@ def classify(features: Path = typer.Option(..., "--features",
 
     _setup_logging(log_level)
     _finish(run_classify(ClassifyConfig(features, model, out, slides, top_k, device)))
+
+
+@_command
+def encode_slides(features: Path = typer.Option(..., "--features",
+                                                help="Patch features: OUT/features/<encoder>."),
+                  slide_encoder: str = typer.Option(..., "--slide-encoder",
+                                                    help="Preset (see `slide-encoders`)."),
+                  out: Path = OUT,
+                  weights: str = typer.Option(None, "--weights",
+                                              help="PATH to the checkpoint, or 'random' "
+                                                   "(tests); default: $WSI_EMBED_WEIGHTS, hub."),
+                  device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
+                  precision: Precision = typer.Option(None, "--precision",
+                                                      help="CUDA autocast (CPU runs fp32)."),
+                  overwrite: bool = OVERWRITE, shard: str = SHARD,
+                  log_level: str = LOG_LEVEL) -> None:
+    """One embedding per slide from its patch features, with a slide foundation model."""
+    from .batch import parse_shard
+    from .encode_slides import EncodeSlidesConfig, run_encode_slides
+    from .slide_encoders import get_slide_config
+
+    _setup_logging(log_level)
+    get_slide_config(slide_encoder)
+    _finish(run_encode_slides(EncodeSlidesConfig(features, slide_encoder, out, weights, device,
+                                                 precision, overwrite, parse_shard(shard))))
+
+
+@_command
+def slide_encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the slide-encoder presets and the patch features each needs."""
+    from .slide_encoders import slide_registry_table
+
+    _print_table(slide_registry_table(), as_json,
+                 f"{'name':16} {'patch encoder':16} {'px':>4} {'µm/px':>5} {'coords':>6} "
+                 f"{'dim':>5}  licence",
+                 lambda r: f"{r.name:16} {r.patch_encoder:16} {r.patch_px:>4} {r.mpp:>5g} "
+                           f"{'yes' if r.needs_coords else 'no':>6} {r.dim:>5}  {r.licence}")
 
 
 CONCH_WEIGHTS = typer.Option(None, "--weights",

@@ -662,8 +662,16 @@ class ResolvedWeights:
 
 def resolve_weights(name: str, weights: str | None,
                     env: dict[str, str] | None = None) -> ResolvedWeights:
-    """--weights PATH → $WSI_EMBED_WEIGHTS → Hugging Face hub → an error saying what to do."""
+    """A patch-encoder preset's weights (see `resolve_weights_for`)."""
     cfg = get_config(name)
+    return resolve_weights_for(name, cfg.hf_repo, cfg.hf_file, cfg.gated, weights, env)
+
+
+def resolve_weights_for(name: str, hf_repo: str, hf_file: str, gated: bool,
+                        weights: str | None, env: dict[str, str] | None = None
+                        ) -> ResolvedWeights:
+    """--weights PATH → $WSI_EMBED_WEIGHTS/<name>/ → Hugging Face hub → an error saying what
+    to do. Shared by patch and slide encoders."""
     env = os.environ if env is None else env
     if weights == "random":
         return ResolvedWeights(None, "random", "random (untrained; tests and benchmarks only)")
@@ -675,28 +683,28 @@ def resolve_weights(name: str, weights: str | None,
     folder = env.get("WSI_EMBED_WEIGHTS")
     if folder:
         base = Path(folder)
-        candidates = [base / name / f for f in (cfg.hf_file, *WEIGHT_FILES)]
+        candidates = [base / name / f for f in (hf_file, *WEIGHT_FILES)]
         candidates += [base / f"{name}{ext}" for ext in (".safetensors", ".bin", ".pth", ".pt")]
         for c in candidates:
             if c.is_file():
                 return ResolvedWeights(c, "sha256:" + sha256_file(c), str(c))
-    if cfg.hf_repo:
+    if hf_repo:
         try:
             from huggingface_hub import hf_hub_download
 
-            p = Path(hf_hub_download(cfg.hf_repo, cfg.hf_file))
-            return ResolvedWeights(p, "sha256:" + sha256_file(p), f"hf:{cfg.hf_repo}")
+            p = Path(hf_hub_download(hf_repo, hf_file))
+            return ResolvedWeights(p, "sha256:" + sha256_file(p), f"hf:{hf_repo}")
         except Exception as e:  # offline, gated, no token: all end in the same advice
             reason = " ".join(str(e).split())[:300]
     else:
         reason = "no hub repository known for this preset"
-    gate = (f" It is gated: accept its licence on https://huggingface.co/{cfg.hf_repo} and "
-            "log in (HF_TOKEN) first." if cfg.gated else "")
+    gate = (f" It is gated: accept its licence on https://huggingface.co/{hf_repo} and "
+            "log in (HF_TOKEN) first." if gated and hf_repo else "")
     raise EncoderError(
         f"no weights for encoder {name!r}: tried --weights, $WSI_EMBED_WEIGHTS"
         f"{' (' + folder + ')' if folder else ' (unset)'} and the Hugging Face hub "
-        f"({cfg.hf_repo or '-'}: {reason}).{gate} Download {cfg.hf_file} and pass --weights "
-        f"PATH, or put it at $WSI_EMBED_WEIGHTS/{name}/{cfg.hf_file}. "
+        f"({hf_repo or '-'}: {reason}).{gate} Download {hf_file} and pass --weights "
+        f"PATH, or put it at $WSI_EMBED_WEIGHTS/{name}/{hf_file}. "
         "(--weights random builds an untrained model, for tests only.)")
 
 

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 COORDS_SCHEMA = "wsi-embed/coords/1"
 FEATURES_SCHEMA = "wsi-embed/features/1"
+#: one embedding per slide (`encode-slides`): `features` (D,), no coords
+SLIDE_FEATURES_SCHEMA = "wsi-embed/slide-features/1"
 TMP_SUFFIX = ".tmp"
 #: How a failed write (a full disk, a file-size limit) surfaces: OSError, or from h5py, when
 #: it flushes on close, RuntimeError ("Can't decrement id ref count (file write failed").
@@ -250,14 +252,19 @@ def check_output(path: Path, schema: str, expect: dict | None = None) -> str | N
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema") != schema:
                 return f"schema {f.attrs.get('schema')!r} is not {schema!r}"
-            if "coords" not in f:
+            if schema == SLIDE_FEATURES_SCHEMA:
+                if "features" not in f:
+                    return "no features dataset"
+                f["features"][()]
+            elif "coords" not in f:
                 return "no coords dataset"
-            n = f["coords"].shape[0]
-            for name in ("tissue_fraction", "features"):
-                if name in f and f[name].shape[0] != n:
-                    return f"{name} has {f[name].shape[0]} rows, coords {n}"
-            if "features" in f and n:
-                f["features"][n - 1]  # the last row must be readable
+            else:
+                n = f["coords"].shape[0]
+                for name in ("tissue_fraction", "features"):
+                    if name in f and f[name].shape[0] != n:
+                        return f"{name} has {f[name].shape[0]} rows, coords {n}"
+                if "features" in f and n:
+                    f["features"][n - 1]  # the last row must be readable
             for k, v in (expect or {}).items():
                 have = f.attrs.get(k)
                 if isinstance(have, bytes):
@@ -303,9 +310,11 @@ def _features_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
         if key in f and isinstance(f[key], h5py.Dataset):
             ds = f[key]
             shape = ds.shape[1:] if ds.ndim == 3 and ds.shape[0] == 1 else ds.shape
-            if len(shape) != 2:
+            slide_embedding = len(shape) == 1 and f.attrs.get("schema") == \
+                SLIDE_FEATURES_SCHEMA
+            if len(shape) != 2 and not slide_embedding:
                 raise FeatureFileError(f"{path}: dataset {key!r} has shape {ds.shape}, "
-                                       "expected (patches, dim)")
+                                       "expected (patches, dim) or a slide embedding (dim,)")
             if ds.dtype.kind != "f":
                 raise FeatureFileError(f"{path}: dataset {key!r} holds {ds.dtype} values, not "
                                        "embeddings (float16/float32); re-extract this slide "
@@ -323,7 +332,7 @@ def read_features_meta(path: Path) -> FeaturesMeta:
             root = _attrs(f)
             enc = root.get("encoder") or root.get("extractor") or _attrs(ds).get("encoder")
             weights = root.get("weights")
-            n, dim = ds.shape[-2:]
+            n, dim = (1, ds.shape[0]) if ds.ndim == 1 else ds.shape[-2:]  # 1-D: a slide embedding
             return FeaturesMeta(path, ds.name.lstrip("/"), int(n), int(dim),
                                 None if enc is None else str(enc),
                                 None if weights is None else str(weights), "coords" in f)
@@ -338,7 +347,7 @@ def read_features(path: Path, key: str = "features") -> np.ndarray:
             x = f[key][()]
     except (OSError, KeyError) as e:
         raise FeatureFileError(f"{path}: cannot read {key!r} ({e})") from None
-    return x[0] if x.ndim == 3 else x
+    return x[0] if x.ndim == 3 else x[None] if x.ndim == 1 else x
 
 
 def read_patch_coords(path: Path) -> tuple[np.ndarray, dict]:

@@ -93,6 +93,14 @@ class OutputLayout:
     def extract_report(self, encoder: str) -> Path:
         return self.root / f"extract_report_{encoder}.csv"
 
+    # -- encode-slides -----------------------------------------------------------------
+    def slide_features(self, slide_encoder: str, slide_id: str) -> Path:
+        folder = self.inside(self.root / "slide_features" / slide_encoder)
+        return self._per_slide(folder, slide_id, ".h5")
+
+    def encode_slides_report(self, slide_encoder: str) -> Path:
+        return self.root / f"encode_slides_report_{slide_encoder}.csv"
+
     # -- classify ----------------------------------------------------------------------
     @property
     def predictions(self) -> Path:

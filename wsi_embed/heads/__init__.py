@@ -9,6 +9,7 @@ from torch import nn
 from .abmil import ABMIL
 from .base import HeadOutput, masked_softmax
 from .clam_sb import CLAMSB
+from .linear import LinearProbe
 from .mean import MeanMIL
 from .resampler import Resampler
 from .transmil import TransMIL
@@ -19,7 +20,14 @@ HEADS: dict[str, type[nn.Module]] = {
     "transmil": TransMIL,
     "clam-sb": CLAMSB,
     "mean": MeanMIL,
+    # for slide embeddings (bags of one): the linear probe, and the mean head's MLP
+    "linear": LinearProbe,
+    "mlp": MeanMIL,
 }
+
+
+#: heads meant for slide embeddings (bags of one); the others pool patches
+SLIDE_EMBEDDING_HEADS = ("linear", "mlp")
 
 
 def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) -> nn.Module:
@@ -29,4 +37,4 @@ def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) ->
     return HEADS[name](in_dim, n_classes, dropout=dropout)
 
 
-__all__ = ["HEADS", "HeadOutput", "build_head", "masked_softmax"]
+__all__ = ["HEADS", "SLIDE_EMBEDDING_HEADS", "HeadOutput", "build_head", "masked_softmax"]
