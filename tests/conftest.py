@@ -197,3 +197,12 @@ def copy(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dst)
     return dst
+
+
+@pytest.fixture(autouse=True)
+def one_seed_by_default(monkeypatch):
+    """`train` without --seeds trains 5-seed ensembles on small cohorts, and every test
+    cohort is small: tests get one model per fold unless they ask for more."""
+    from wsi_embed import train
+
+    monkeypatch.setattr(train, "SMALL_COHORT", 0)

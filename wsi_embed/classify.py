@@ -27,7 +27,7 @@ from .h5io import (
 )
 from .layout import OutputLayout
 from .report import RunReport
-from .slide_model import load_model, predict_bag
+from .slide_model import decide, load_model, predict_bag
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class ClassifyConfig:
     slides: Path | None = None
     top_k: int = 8
     device: str = "auto"
+    threshold: str = "argmax"  # or "val": the model's validation threshold (binary)
 
 
 def check_compatible(spec, fs, features: Path) -> None:
@@ -107,8 +108,9 @@ def predict_slides(fs: FeatureSet, out: Path, classes: list[str], command: str,
     return report
 
 
-def prediction_row(classes: list[str], probs: np.ndarray) -> dict:
-    row = {"prediction": classes[int(probs.argmax())], "status": "ok", "error": ""}
+def prediction_row(classes: list[str], probs: np.ndarray, threshold: float | None = None
+                   ) -> dict:
+    row = {"prediction": classes[decide(probs, threshold)], "status": "ok", "error": ""}
     return row | {f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, probs, strict=True)}
 
 
@@ -116,13 +118,19 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
     device = pick_device(cfg.device)
     model, _ = load_model(cfg.model, device)
     spec = model.spec
+    threshold = None
+    if cfg.threshold == "val":
+        if model.threshold is None:
+            raise ModelError(f"{cfg.model} has no validation threshold (only binary models "
+                             "trained by this version have one); use --threshold argmax")
+        threshold = model.threshold
     fs = scan_features(cfg.features, lenient=True)
     check_compatible(spec, fs, cfg.features)
     slides = slide_paths(cfg.slides) if cfg.slides else {}
     store = BagStore(fs.metas, cache_bytes=0)  # each bag is used once
     report = predict_slides(fs, cfg.out, spec.classes, "classify", lambda sid, layout:
                             _classify_one(sid, fs.metas[sid].path, store, model, device,
-                                          layout, cfg.top_k, slides.get(sid)))
+                                          layout, cfg.top_k, slides.get(sid), threshold))
     if cfg.slides:
         missing = sorted(set(fs.metas) - set(slides))
         if missing:
@@ -171,7 +179,8 @@ def coords_for_maps(path: Path, n_patches: int, slide_path: Path | None
 
 
 def _classify_one(sid: str, path: Path, store: BagStore, model, device,
-                  layout: OutputLayout, top_k: int, slide_path: Path | None) -> dict:
+                  layout: OutputLayout, top_k: int, slide_path: Path | None,
+                  threshold: float | None) -> dict:
     spec = model.spec
     if store.n_patches(sid) == 0:
         return {"status": "failed", "error": "no patches (no tissue found); nothing to classify"}
@@ -179,7 +188,7 @@ def _classify_one(sid: str, path: Path, store: BagStore, model, device,
     coords, coords_attrs = coords_for_maps(path, store.n_patches(sid), slide_path)
     write_attention(layout.classify_output("attention", sid), coords, coords_attrs, attn,
                     patch_probs, probs, spec.classes, spec.head)
-    row = prediction_row(spec.classes, probs)
+    row = prediction_row(spec.classes, probs, threshold)
     if slide_path is not None and len(coords):
         from .viz import slide_figures
 

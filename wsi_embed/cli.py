@@ -15,7 +15,7 @@ import typer
 from . import __version__, batch, slides
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
-from .pooling import Pooling
+from .pooling import Pooling, Threshold
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-slide images to patch embeddings and slide-level predictions.")
@@ -287,15 +287,26 @@ def train(features: Path = typer.Option(..., "--features",
                                    help="abmil, resampler, transmil, clam-sb, mean; for slide "
                                         "embeddings linear or mlp."),
           folds: int = typer.Option(5, "--folds", help="Patient-level stratified folds."),
-          epochs: int = typer.Option(30, "--epochs"),
-          lr: float = typer.Option(2e-4, "--lr"),
-          weight_decay: float = typer.Option(1e-2, "--weight-decay"),
+          epochs: int = typer.Option(200, "--epochs",
+                                     help="The most epochs; early stopping on the validation "
+                                          "loss usually ends sooner."),
+          lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (AdamW, warm-up "
+                                                      "then cosine decay)."),
+          weight_decay: float = typer.Option(1e-2, "--weight-decay", help="AdamW's."),
           bag_size: int = typer.Option(512, "--bag-size",
                                        help="Random patches per training bag (0 = all)."),
           batch_size: int = typer.Option(8, "--batch-size", help="Bags per step (padded)."),
-          patience: int = typer.Option(5, "--patience", help="Epochs without improvement."),
-          seed: int = typer.Option(0, "--seed"),
-          device: str = typer.Option("auto", "--device"),
+          patience: int = typer.Option(20, "--patience",
+                                       help="Epochs without a better validation loss before "
+                                            "stopping."),
+          seeds: int = typer.Option(0, "--seeds",
+                                    help="Models per fold, averaged (an ensemble); 0: 5 for "
+                                         "cohorts under 300 slides, else 1."),
+          tune: bool = typer.Option(False, "--tune",
+                                    help="Pick lr, weight decay and dropout on each fold's "
+                                         "validation part (12 settings; slow)."),
+          seed: int = typer.Option(0, "--seed", help="Seed of splits and training."),
+          device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
           cache_gb: float = typer.Option(8.0, "--cache-gb",
                                          help="RAM for cached bags; the rest stream from disk."),
           overwrite: bool = OVERWRITE, log_level: str = LOG_LEVEL) -> None:
@@ -306,8 +317,10 @@ def train(features: Path = typer.Option(..., "--features",
     _setup_logging(log_level)
     if (out / "model.pt").exists() and not overwrite:
         raise UsageError(f"{out / 'model.pt'} exists; use another --out or --overwrite")
+    if seeds < 0:
+        raise UsageError("--seeds must be 0 (automatic) or more")
     cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay, bag_size or None, batch_size,
-                      seed, device, patience, cache_gb=cache_gb)
+                      seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune)
     result = run_train(scan_features(features), labels, cfg)
     summary = result["summary"]
     log.info("done: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
@@ -322,13 +335,17 @@ def classify(features: Path = typer.Option(..., "--features",
              slides: Path = typer.Option(None, "--slides",
                                          help="Slide folder: adds heatmaps, patches, GeoJSON."),
              top_k: int = typer.Option(8, "--top-k", help="Patches shown per row."),
+             threshold: Threshold = typer.Option(Threshold.ARGMAX, "--threshold",
+                                                 help="argmax, or val: a binary model's "
+                                                      "threshold chosen on validation data."),
              device: str = typer.Option("auto", "--device"),
              log_level: str = LOG_LEVEL) -> None:
     """Predict slides with a trained model; per-patch attention, heatmaps, QuPath GeoJSON."""
     from .classify import ClassifyConfig, run_classify
 
     _setup_logging(log_level)
-    _finish(run_classify(ClassifyConfig(features, model, out, slides, top_k, device)))
+    _finish(run_classify(ClassifyConfig(features, model, out, slides, top_k, device,
+                                        threshold)))
 
 
 @_command

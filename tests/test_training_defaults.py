@@ -1,0 +1,129 @@
+"""`train`'s defaults: training to convergence, calibrated probabilities, a decision threshold
+chosen on validation data, seed ensembles. Tiny cohorts (32-d features, a few dozen
+patches per bag) keep each run to seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from wsi_embed.h5io import read_features
+from wsi_embed.slide_model import decide, load_model, predict_bag
+from wsi_embed.synthetic import write_witness_bags
+
+from .conftest import cli
+
+
+def cohort(folder, n=60, shift=6.0, seed=0, keep_positive=1.0):
+    bags = write_witness_bags(folder, n, dim=32, patches=(20, 40), witness_frac=(0.1, 0.2),
+                              shift=shift, seed=seed)
+    if keep_positive < 1.0:  # fewer positive slides: another class prior
+        rows = bags.labels_csv.read_text().splitlines()
+        rng = np.random.default_rng(seed)
+        kept = [r for r in rows[1:] if r.split(",")[1] == "0" or rng.random() < keep_positive]
+        bags.labels_csv.write_text("\n".join([rows[0], *kept]) + "\n")
+    return bags
+
+
+def oof(out):
+    with open(out / "oof_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    y = np.array([int(r["label"]) for r in rows])
+    p = np.array([float(r["prob_1"]) for r in rows])
+    return y, p
+
+
+def test_a_run_stopped_before_convergence_says_so_and_the_defaults_converge(tmp_path):
+    bags = cohort(tmp_path / "b", n=120, shift=8.0)
+    base = ["train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--folds", 2, "--head", "abmil"]
+    r = cli(*base, "--out", tmp_path / "short", "--epochs", 10, "--lr", "1e-4")
+    assert r.exit_code == 0, r.output
+    folds = json.loads((tmp_path / "short" / "metrics.json").read_text())["folds"]
+    cut = [f for f in folds if f["still_improving"]]  # 10 epochs: cut short
+    assert cut and all(f["stop_reason"] == "reached --epochs 10" for f in cut)
+    assert "still falling at the last epochs" in r.output
+
+    bags = cohort(tmp_path / "d", n=60, shift=4.0, seed=3)
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--folds", 2, "--out", tmp_path / "default")
+    assert r.exit_code == 0, r.output
+    folds = json.loads((tmp_path / "default" / "metrics.json").read_text())["folds"]
+    for f in folds:
+        assert f["stop_reason"].startswith("early stop") and f["best_epoch"] < 180, f
+        assert not f["still_improving"] and f["auc"] >= 0.9
+
+
+def expected_calibration_error(y, p, bins=10):
+    conf = np.where(p >= 0.5, p, 1 - p)
+    right = (p >= 0.5) == (y == 1)
+    edges = np.linspace(0.5, 1.0, bins // 2 + 1)
+    idx = np.clip(np.digitize(conf, edges) - 1, 0, len(edges) - 2)
+    return sum(abs(right[idx == b].mean() - conf[idx == b].mean()) * (idx == b).mean()
+               for b in range(len(edges) - 1) if (idx == b).any())
+
+
+def test_calibrated_probabilities_of_a_separated_cohort_have_small_calibration_error(tmp_path):
+    bags = cohort(tmp_path / "b", n=80, shift=8.0)
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--out", tmp_path / "m", "--folds", 2, "--patience", 8, "--epochs", 60)
+    assert r.exit_code == 0, r.output
+    y, p = oof(tmp_path / "m")
+    assert expected_calibration_error(y, p) <= 0.05
+    folds = json.loads((tmp_path / "m" / "metrics.json").read_text())["folds"]
+    assert all(f["temperature"][0] != 1.0 for f in folds)
+    assert all("balanced_accuracy_at_val_threshold" in f for f in folds)
+
+
+def test_calibration_and_the_validation_threshold_follow_the_class_priors(tmp_path):
+    """A fixed split with a large validation part (calibration and threshold are chosen
+    there). Training weighs classes equally; the calibration brings the cohort's prior
+    back: the mean probability of class 1 follows its share of slides."""
+    thresholds, mean_p1, prior = {}, {}, {}
+    for name, keep in (("even", 1.0), ("few positives", 0.3)):
+        bags = cohort(tmp_path / name, n=180, shift=5.0, seed=1, keep_positive=keep)
+        rows = bags.labels_csv.read_text().splitlines()
+        parts = ("train", "train", "val", "val", "test")
+        bags.labels_csv.write_text(rows[0] + ",split\n" + "".join(
+            f"{r},{parts[i % 5]}\n" for i, r in enumerate(rows[1:])))
+        r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+                "--out", tmp_path / f"m {name}", "--patience", 8, "--epochs", 60)
+        assert r.exit_code == 0, r.output
+        model, _ = load_model(tmp_path / f"m {name}" / "model.pt")
+        thresholds[name] = model.threshold
+        y, p = oof(tmp_path / f"m {name}")
+        mean_p1[name], prior[name] = p.mean(), y.mean()
+    assert thresholds["few positives"] != thresholds["even"]
+    for name in prior:
+        assert abs(mean_p1[name] - prior[name]) < 0.1, (mean_p1, prior)
+    assert mean_p1["few positives"] < mean_p1["even"] - 0.15
+
+
+def test_a_seed_ensemble_is_its_members_mean_and_reproducible(tmp_path):
+    bags = cohort(tmp_path / "b", n=40)
+    feats = bags.labels_csv.parent
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"m{i}"
+        r = cli("train", "--features", feats, "--labels", bags.labels_csv, "--out", out,
+                "--folds", 2, "--seeds", 3, "--epochs", 15)
+        assert r.exit_code == 0, r.output
+        r = cli("classify", "--features", feats, "--model", out / "model.pt", "--out",
+                tmp_path / f"c{i}", "--threshold", "val")
+        assert r.exit_code == 0, r.output
+        with open(tmp_path / f"c{i}" / "predictions.csv", newline="") as fh:
+            runs.append([(r["slide_id"], r["prediction"], r["prob_1"])
+                         for r in csv.DictReader(fh)])
+    assert runs[0] == runs[1]
+    model, _ = load_model(tmp_path / "m0" / "model.pt")
+    assert len(model.members) == 3 and model.threshold is not None
+    with open(tmp_path / "c0" / "predictions.csv", newline="") as fh:
+        rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    for sid in list(rows)[:6]:
+        x = read_features(feats / f"{sid}.h5")
+        members = np.mean([predict_bag(m, x)[0] for m in model.members], axis=0)
+        np.testing.assert_allclose(predict_bag(model, x)[0], members, atol=1e-6)
+        assert abs(float(rows[sid]["prob_1"]) - members[1]) < 1e-5
+        assert rows[sid]["prediction"] == str(decide(members, model.threshold))
