@@ -8,17 +8,14 @@ Every module's `encode(x (N, D), coords (N, 2) level-0 px, patch_size_level0)` g
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import EncoderError
 from .heads.abmil import ABMIL, GatedAttention
-
-log = logging.getLogger(__name__)
 
 
 # -- modules -----------------------------------------------------------------------------
@@ -145,7 +142,6 @@ class SlideEncoderConfig:
     licence: str = ""
     gated: bool = False
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _chief(**s) -> nn.Module:
