@@ -13,9 +13,9 @@ from pathlib import Path
 import typer
 
 from . import __version__, batch, slides
+from .choices import Pooling, Threshold
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
-from .pooling import Pooling, Threshold
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-slide images to patch embeddings and slide-level predictions.")

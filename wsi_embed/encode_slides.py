@@ -88,7 +88,7 @@ def run_encode_slides(cfg: EncodeSlidesConfig) -> RunReport:
     cfg.out.mkdir(parents=True, exist_ok=True)
     ids = sorted({*fs.metas, *fs.unreadable})[cfg.shard[0]::cfg.shard[1]]
     store = BagStore(fs.metas, cache_bytes=0)
-    remove_stale_tmp(cfg.out / "slide_features" / cfg.slide_encoder)
+    remove_stale_tmp(layout.slide_features_dir(cfg.slide_encoder))
     with RunReport(layout.encode_slides_report(cfg.slide_encoder), ENCODE_SLIDES_COLUMNS,
                    f"encode-slides {cfg.slide_encoder}") as report:
         report.expect(ids)

@@ -94,9 +94,11 @@ class OutputLayout:
         return self.root / f"extract_report_{encoder}.csv"
 
     # -- encode-slides -----------------------------------------------------------------
+    def slide_features_dir(self, slide_encoder: str) -> Path:
+        return self.inside(self.root / "slide_features" / slide_encoder)
+
     def slide_features(self, slide_encoder: str, slide_id: str) -> Path:
-        folder = self.inside(self.root / "slide_features" / slide_encoder)
-        return self._per_slide(folder, slide_id, ".h5")
+        return self._per_slide(self.slide_features_dir(slide_encoder), slide_id, ".h5")
 
     def encode_slides_report(self, slide_encoder: str) -> Path:
         return self.root / f"encode_slides_report_{slide_encoder}.csv"

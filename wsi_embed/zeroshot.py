@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .bags import BagStore, FeatureSet, scan_features
+from .choices import Pooling
 from .classify import (
     coords_for_maps,
     predict_slides,
@@ -28,7 +29,6 @@ from .conch_text import ConchText, load_conch_text
 from .errors import FeatureFileError, ModelError, UsageError, one_line
 from .h5io import atomic_file
 from .layout import OutputLayout
-from .pooling import Pooling
 from .report import RunReport
 
 log = logging.getLogger(__name__)
