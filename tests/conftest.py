@@ -203,6 +203,8 @@ def copy(src: Path, dst: Path) -> Path:
 def one_seed_by_default(monkeypatch):
     """`train` without --seeds trains 5-seed ensembles on small cohorts, and every test
     cohort is small: tests get one model per fold unless they ask for more."""
-    from wsi_embed import train
+    from wsi_embed import stats, train
 
     monkeypatch.setattr(train, "SMALL_COHORT", 0)
+    # and statistics/ with fewer bootstrap resamples (tests of the CIs set their own)
+    monkeypatch.setattr(stats, "BOOTSTRAP", 50)

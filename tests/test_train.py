@@ -107,6 +107,15 @@ def test_every_head_finds_the_witnesses(binary, tmp_path, head):
                                       tmp_path / "c")
     if head in ("abmil", "resampler"):  # witnesses draw the attention
         witnesses_draw_attention(binary, tmp_path / "c")
+    if head in ("transmil", "mean"):  # no attention to map: each patch's contribution
+        above = []
+        for sid, label in binary.labels.items():
+            if label == "1":
+                with h5py.File(tmp_path / "c" / "attention" / f"{sid}.h5") as f:
+                    assert f.attrs["map_score"] == "patch_contribution"
+                    c, w = f["patch_contribution"][:], binary.witnesses[sid]
+                above.append(c[w].mean() > np.quantile(c[~w], 0.9))
+        assert np.mean(above) >= 0.9, np.mean(above)
 
 
 def test_three_classes(tmp_path):

@@ -75,17 +75,28 @@ class BagStore:
     Every bag is checked for NaN/Inf the first time it is read.
     """
 
-    def __init__(self, metas: dict[str, FeaturesMeta], cache_bytes: int):
+    def __init__(self, metas: dict[str, FeaturesMeta], cache_bytes: int,
+                 units: dict[str, list[str]] | None = None):
         self.metas = metas
+        #: patient bags: a unit id stands for its slides' patches, concatenated in order
+        self.units = units or {}
         self.cache_bytes = cache_bytes
         self.cached_bytes = 0
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._checked: set[str] = set()
 
     def n_patches(self, slide_id: str) -> int:
+        if slide_id in self.units:
+            return sum(self.metas[s].n for s in self.units[slide_id])
         return self.metas[slide_id].n
 
     def get(self, slide_id: str) -> np.ndarray:
+        """A slide's bag (float32), or a unit's: its slides' bags one after the other."""
+        if slide_id in self.units:
+            return np.concatenate([self._slide(s) for s in self.units[slide_id]])
+        return self._slide(slide_id)
+
+    def _slide(self, slide_id: str) -> np.ndarray:
         x = self._cache.get(slide_id)
         if x is not None:
             self._cache.move_to_end(slide_id)
@@ -117,7 +128,7 @@ class BagStore:
 
 def feature_stats(store: BagStore, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std over every patch of `slide_ids` (the training split only)."""
-    dim = next(iter(store.metas.values())).dim
+    dim = next(iter(store.metas.values())).dim  # units' slides share it
     s, ss, n = np.zeros(dim), np.zeros(dim), 0
     for sid in slide_ids:
         x = store.get(sid).astype(np.float64)

@@ -12,3 +12,21 @@ class Pooling(StrEnum):
 class Threshold(StrEnum):
     ARGMAX = "argmax"
     VAL = "val"  # the binary threshold chosen on validation data (Youden), stored in the model
+
+
+class Task(StrEnum):
+    """What a slide-level model predicts."""
+
+    CLASSIFICATION = "classification"
+    SURVIVAL = "survival"  # a risk score from (time, event)
+    REGRESSION = "regression"  # a number
+
+
+class SurvivalLoss(StrEnum):
+    COX = "cox"  # Cox partial likelihood over each batch (one risk output)
+    NLL = "nll"  # discrete-time hazards over --bins time intervals (Zadeh & Schmid 2021)
+
+
+class RegressionLoss(StrEnum):
+    MSE = "mse"
+    HUBER = "huber"

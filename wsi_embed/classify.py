@@ -15,6 +15,7 @@ import numpy as np
 
 from .bags import BagStore, FeatureSet, scan_features
 from .batch import discover
+from .choices import Task
 from .devices import pick_device
 from .errors import FeatureFileError, ModelError, UsageError, describe_error, one_line
 from .h5io import (
@@ -27,7 +28,8 @@ from .h5io import (
 )
 from .layout import OutputLayout
 from .report import RunReport
-from .slide_model import decide, load_model, predict_bag
+from .slide_model import decide, load_model, patch_contributions, predict_bag
+from .tasks import output_cells, output_columns
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,29 @@ def check_compatible(spec, fs, features: Path) -> None:
                              "same encoder and weights as the training features")
 
 
+#: how each per-patch score on the maps is made (the heatmap legend and attention/<id>.h5)
+MAP_METHODS = {"attention": "the head's attention weights (sum to 1 over the slide)",
+               "patch_contribution": "gradient × input: d(score)/d(features) · features per "
+                                     "patch, summed over features (+ raises the score)"}
+
+
 def write_attention(path: Path, coords: np.ndarray, coords_attrs: dict, attention, patch_probs,
                     probs: np.ndarray, classes: list[str], head: str,
-                    extra: dict[str, np.ndarray] | None = None) -> None:
+                    extra: dict[str, np.ndarray] | None = None,
+                    task: Task = Task.CLASSIFICATION, map_score: str | None = None) -> None:
+    """`attention/<id>.h5`: coords, the head's attention, per-patch outputs, other per-patch
+    scores (`extra`), the prediction; `map_score` names the dataset the maps show."""
     with atomic_h5(path) as f:
-        set_attrs(f, {"schema": "wsi-embed/attention/1", "head": head,
-                      "classes": np.array(classes, dtype=object),
-                      "prediction": classes[int(probs.argmax())],
-                      "probabilities": probs.astype(np.float32)})
+        attrs = {"schema": "wsi-embed/attention/1", "head": head, "task": str(task),
+                 "classes": np.array(classes, dtype=object)}
+        if task == Task.CLASSIFICATION:
+            attrs |= {"prediction": classes[int(probs.argmax())],
+                      "probabilities": probs.astype(np.float32)}
+        else:
+            attrs |= {"prediction": float(probs[0]), "output": classes[0]}
+        if map_score:
+            attrs |= {"map_score": map_score, "map_method": MAP_METHODS.get(map_score, "")}
+        set_attrs(f, attrs)
         write_coords_dataset(f, coords, coords_attrs)
         if attention is not None:
             f.create_dataset("attention", data=attention.astype(np.float32))
@@ -82,15 +99,15 @@ def slide_paths(folder: Path) -> dict[str, Path]:
 
 
 def predict_slides(fs: FeatureSet, out: Path, classes: list[str], command: str,
-                   predict_one: Callable[[str, OutputLayout], dict]) -> RunReport:
+                   predict_one: Callable[[str, OutputLayout], dict],
+                   task: Task = Task.CLASSIFICATION) -> RunReport:
     """The per-slide loop of `classify` and `zero-shot`: `predictions.csv` through a run
     report, one row per slide, a slide's failure (a bad file, a full disk) its row only."""
     layout = OutputLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     for folder in layout.classify_dirs():
         remove_stale_tmp(folder)
-    columns = ["slide_id", "n_patches", "prediction", *(f"prob_{c}" for c in classes),
-               "status", "error"]
+    columns = ["slide_id", "n_patches", *output_columns(task, classes), "status", "error"]
     with RunReport(layout.predictions, columns, command) as report:
         report.expect(sorted({*fs.metas, *fs.unreadable}))
         for sid, why in sorted(fs.unreadable.items()):
@@ -108,10 +125,12 @@ def predict_slides(fs: FeatureSet, out: Path, classes: list[str], command: str,
     return report
 
 
-def prediction_row(classes: list[str], probs: np.ndarray, threshold: float | None = None
-                   ) -> dict:
-    row = {"prediction": classes[decide(probs, threshold)], "status": "ok", "error": ""}
-    return row | {f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, probs, strict=True)}
+def prediction_row(classes: list[str], probs: np.ndarray, threshold: float | None = None,
+                   task: Task = Task.CLASSIFICATION) -> dict:
+    decision = decide(probs, threshold) if task == Task.CLASSIFICATION else None
+    cells = output_cells(task, classes, probs, decision)
+    return dict(zip(output_columns(task, classes), cells, strict=True)) | {"status": "ok",
+                                                                            "error": ""}
 
 
 def run_classify(cfg: ClassifyConfig) -> RunReport:
@@ -130,7 +149,8 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
     store = BagStore(fs.metas, cache_bytes=0)  # each bag is used once
     report = predict_slides(fs, cfg.out, spec.classes, "classify", lambda sid, layout:
                             _classify_one(sid, fs.metas[sid].path, store, model, device,
-                                          layout, cfg.top_k, slides.get(sid), threshold))
+                                          layout, cfg.top_k, slides.get(sid), threshold),
+                            Task(spec.task))
     if cfg.slides:
         missing = sorted(set(fs.metas) - set(slides))
         if missing:
@@ -184,16 +204,31 @@ def _classify_one(sid: str, path: Path, store: BagStore, model, device,
     spec = model.spec
     if store.n_patches(sid) == 0:
         return {"status": "failed", "error": "no patches (no tissue found); nothing to classify"}
-    probs, attn, patch_probs = predict_bag(model, store.get(sid), device)
+    task = Task(spec.task)
+    x = store.get(sid)
+    probs, attn, patch_probs = predict_bag(model, x, device)
+    # the map: attention where a classifier has it; else each patch's contribution
+    contribution = None
+    if attn is None or task != Task.CLASSIFICATION:
+        contribution = patch_contributions(model, x, device)
+    map_score = "attention" if contribution is None else "patch_contribution"
     coords, coords_attrs = coords_for_maps(path, store.n_patches(sid), slide_path)
     write_attention(layout.classify_output("attention", sid), coords, coords_attrs, attn,
-                    patch_probs, probs, spec.classes, spec.head)
-    row = prediction_row(spec.classes, probs, threshold)
+                    patch_probs, probs, spec.classes, spec.head,
+                    None if contribution is None else {"patch_contribution": contribution},
+                    task, map_score if len(x) > 1 else None)
+    row = prediction_row(spec.classes, probs, threshold, task)
     if slide_path is not None and len(coords):
         from .viz import slide_figures
 
-        warn = slide_figures(layout, sid, slide_path, coords, coords_attrs, attn, patch_probs,
-                             probs, spec.classes, top_k)
+        score = attn if contribution is None else contribution
+        name = "attention" if contribution is None else "gradient × input"
+        headline = None if task == Task.CLASSIFICATION else [
+            f"{sid}: predicted {spec.classes[0]} {float(probs[0]):.4g}",
+            f"colour = {name} rank ({'risk' if task == Task.SURVIVAL else 'value'})"]
+        warn = slide_figures(layout, sid, slide_path, coords, coords_attrs, score,
+                             patch_probs if task == Task.CLASSIFICATION else None,
+                             probs, spec.classes, top_k, name, headline)
         if warn:
             row["error"] = warn
     return row

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from . import __version__, batch, slides
-from .choices import Pooling, Threshold
+from .choices import Pooling, RegressionLoss, SurvivalLoss, Task, Threshold
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
 
@@ -283,6 +283,28 @@ def train(features: Path = typer.Option(..., "--features",
           labels: Path = typer.Option(..., "--labels",
                                       help="CSV: slide_id,label[,patient_id][,split]."),
           out: Path = OUT,
+          task: Task = typer.Option(Task.CLASSIFICATION, "--task",
+                                    help="classification (--target), regression (--target, "
+                                         "numeric) or survival (--time, --event)."),
+          target: str = typer.Option("label", "--target", help="The labels CSV's target column."),
+          targets: str = typer.Option(None, "--targets",
+                                      help="col1,col2,...: one model per target column, on "
+                                           "shared splits (a slide without one target still "
+                                           "trains the others)."),
+          time: str = typer.Option(None, "--time", help="Survival: the follow-up time column."),
+          event: str = typer.Option(None, "--event",
+                                    help="Survival: the event column (1 event, 0 censored)."),
+          survival_loss: SurvivalLoss = typer.Option(SurvivalLoss.COX, "--survival-loss",
+                                                     help="cox (partial likelihood) or nll "
+                                                          "(discrete time, --bins)."),
+          bins: int = typer.Option(4, "--bins", help="Time intervals of --survival-loss nll."),
+          regression_loss: RegressionLoss = typer.Option(RegressionLoss.MSE,
+                                                         "--regression-loss",
+                                                         help="mse or huber (on standardised "
+                                                              "targets)."),
+          patient_bags: bool = typer.Option(False, "--patient-bags",
+                                            help="Pool each patient's slides into one bag; "
+                                                 "patients are predicted (needs patient_id)."),
           head: str = typer.Option("abmil", "--head",
                                    help="abmil, resampler, transmil, clam-sb, mean; for slide "
                                         "embeddings linear or mlp."),
@@ -315,16 +337,25 @@ def train(features: Path = typer.Option(..., "--features",
     from .train import TrainConfig, run_train
 
     _setup_logging(log_level)
-    if (out / "model.pt").exists() and not overwrite:
-        raise UsageError(f"{out / 'model.pt'} exists; use another --out or --overwrite")
+    done = next((p for p in (out / "model.pt", out / "metrics.json") if p.exists()), None)
+    if done and not overwrite:
+        raise UsageError(f"{done} exists; use another --out or --overwrite")
     if seeds < 0:
         raise UsageError("--seeds must be 0 (automatic) or more")
+    names = tuple(c.strip() for c in targets.split(",") if c.strip()) if targets else (target,)
+    if not names:
+        raise UsageError("--targets names no column; give col1,col2,...")
     cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay, bag_size or None, batch_size,
-                      seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune)
+                      seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
+                      task=task, targets=names, time=time, event=event,
+                      survival_loss=survival_loss, bins=bins, regression_loss=regression_loss,
+                      patient_bags=patient_bags)
     result = run_train(scan_features(features), labels, cfg)
-    summary = result["summary"]
-    log.info("done: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
-                                  for k, v in summary.items()) + f"; model: {out / 'model.pt'}")
+    summaries = result["summary"] if len(names) > 1 else {names[0]: result["summary"]}
+    for name, summary in summaries.items():
+        log.info(f"done ({name}): " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
+                                                for k, v in summary.items()))
+    log.info("models and statistics in %s", out)
 
 
 @_command
@@ -346,6 +377,59 @@ def classify(features: Path = typer.Option(..., "--features",
     _setup_logging(log_level)
     _finish(run_classify(ClassifyConfig(features, model, out, slides, top_k, device,
                                         threshold)))
+
+
+@_command
+def deploy(model: list[Path] = typer.Option(..., "--model",
+                                            help="model.pt files, or training folders (all "
+                                                 "their fold models); repeat the option."),
+           features: Path = typer.Option(..., "--features",
+                                         help="Folder of <slide_id>.h5 features files."),
+           out: Path = OUT, device: str = typer.Option("auto", "--device"),
+           log_level: str = LOG_LEVEL) -> None:
+    """Average several models' predictions (an ensemble); per-model predictions too."""
+    from .deploy import DeployConfig, run_deploy
+
+    _setup_logging(log_level)
+    _finish(run_deploy(DeployConfig(list(model), features, out, device)))
+
+
+@_command
+def statistics(predictions: list[Path] = typer.Option(..., "--predictions",
+                                                      help="predictions.csv of train, "
+                                                           "classify or deploy; repeatable."),
+               labels: Path = typer.Option(..., "--labels", help="The labels CSV."),
+               out: Path = OUT,
+               target: str = typer.Option("label", "--target",
+                                          help="Label column (classification, regression)."),
+               time: str = typer.Option(None, "--time", help="Survival: time column."),
+               event: str = typer.Option(None, "--event", help="Survival: event column."),
+               bootstrap: int = typer.Option(1000, "--bootstrap",
+                                             help="Resamples (of patients) per 95 % CI."),
+               seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+               log_level: str = LOG_LEVEL) -> None:
+    """Metrics with 95 % bootstrap CIs and ROC/PR/calibration, Kaplan–Meier or scatter plots."""
+    from .stats import run_statistics
+
+    _setup_logging(log_level)
+    if bootstrap < 10:
+        raise UsageError("--bootstrap must be at least 10")
+    results = run_statistics(list(predictions), labels, out, target, time, event, seed,
+                             bootstrap)
+    for name, s in results.items():
+        log.info("%s: %s", name, _headline(s))
+    log.info("statistics and plots in %s", out)
+
+
+def _headline(s: dict) -> str:
+    def ci(d):
+        return f"{d['value']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+    if s["task"] == "classification":
+        return ", ".join(f"AUROC {c} {ci(v['auroc'])}" for c, v in s["per_class"].items())
+    if s["task"] == "survival":
+        return f"C-index {ci(s['c_index'])}"
+    return f"Pearson r {ci(s['pearson_r'])}"
 
 
 @_command

@@ -17,6 +17,10 @@ from . import __version__
 from .errors import ModelError, one_line
 from .h5io import atomic_file
 from .heads import HeadOutput, build_head
+from .tasks import decide, outputs
+
+__all__ = ["Ensemble", "ModelSpec", "SlideModel", "decide", "load_model", "predict_bag",
+           "save_model"]
 
 MODEL_FORMAT = "wsi-embed/model/2"  # /1: one member, no temperature nor threshold
 READABLE_FORMATS = ("wsi-embed/model/1", MODEL_FORMAT)
@@ -32,6 +36,13 @@ class ModelSpec:
     encoder: str | None  # of the training features; None when those files did not say
     weights: str | None
     dropout: float = 0.25
+    task: str = "classification"  # classes: the class names; else the output's name
+    loss: str | None = None  # survival: cox or nll; regression: mse or huber
+    n_out: int = 0  # head outputs; 0: one per class
+
+    @property
+    def outputs(self) -> int:
+        return self.n_out or len(self.classes)
 
 
 class SlideModel(nn.Module):
@@ -41,17 +52,25 @@ class SlideModel(nn.Module):
                  std: np.ndarray | None = None):
         super().__init__()
         self.spec = spec
-        self.head = build_head(spec.head, spec.in_dim, len(spec.classes), spec.dropout)
+        self.head = build_head(spec.head, spec.in_dim, spec.outputs, spec.dropout)
         self.register_buffer("mean", torch.as_tensor(
             np.zeros(spec.in_dim, np.float32) if mean is None else mean))
         self.register_buffer("std", torch.as_tensor(
             np.ones(spec.in_dim, np.float32) if std is None else std))
         # calibration on validation data: logits / temperature + class_bias
         self.register_buffer("temperature", torch.ones(()))
-        self.register_buffer("class_bias", torch.zeros(len(spec.classes)))
+        self.register_buffer("class_bias", torch.zeros(spec.outputs))
+        # regression: the training targets' scale (the head predicts standardised values)
+        self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_std", torch.ones(()))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
         return self.head((x - self.mean) / self.std, mask, labels)
+
+    def output(self, logits: torch.Tensor) -> torch.Tensor:
+        """What it reports: calibrated probabilities, a risk or a value (see tasks)."""
+        return outputs(self.spec, logits, self.temperature.float(), self.class_bias.float(),
+                       self.target_mean.float(), self.target_std.float())
 
 
 class Ensemble(nn.Module):
@@ -93,7 +112,9 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Ensemble
         for sd in blob.get("members") or [blob["state_dict"]]:
             m = SlideModel(ModelSpec(**blob["spec"]))
             m.load_state_dict({"temperature": torch.ones(()),
-                               "class_bias": torch.zeros(len(blob["spec"]["classes"])), **sd})
+                               "class_bias": torch.zeros(m.spec.outputs),
+                               "target_mean": torch.zeros(()), "target_std": torch.ones(()),
+                               **sd})
             members.append(m)
         model = Ensemble(members, blob.get("threshold"))
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
@@ -116,18 +137,18 @@ def bag_logits(model: SlideModel, x: np.ndarray, device: torch.device | str = "c
 def predict_bag(model: SlideModel | Ensemble, x: np.ndarray,
                 device: torch.device | str = "cpu"
                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Calibrated class probabilities (C,), attention (N,) or None, and per-patch class
-    probabilities (N, C) or None, for one whole bag; an ensemble's are its members' means."""
+    """The output (calibrated class probabilities (C,), or a risk or value (1,)), attention
+    (N,) or None, and per-patch outputs (N, C) or None, for one whole bag; an ensemble's are
+    its members' means."""
     members = model.members if isinstance(model, Ensemble) else [model]
     probs, attns, patches = [], [], []
     for m in members:
         out = bag_logits(m, x, device)
-        t, b = m.temperature.float(), m.class_bias.float()
-        probs.append(torch.softmax(out.logits.float() / t + b, -1)[0])
+        probs.append(m.output(out.logits)[0])
         if out.attention is not None:
             attns.append(out.attention[0].float())
         if out.patch_logits is not None:
-            patches.append(torch.softmax(out.patch_logits.float() / t + b, -1)[0])
+            patches.append(m.output(out.patch_logits)[0])
 
     def mean(xs):
         return torch.stack(xs).mean(0).cpu().numpy() if xs else None
@@ -135,9 +156,25 @@ def predict_bag(model: SlideModel | Ensemble, x: np.ndarray,
     return mean(probs), mean(attns), mean(patches)
 
 
-def decide(probs: np.ndarray, threshold: float | None) -> int:
-    """The predicted class: argmax, or for a binary model with a threshold, class 1 when its
-    probability reaches it."""
-    if threshold is not None and len(probs) == 2:
-        return int(probs[1] >= threshold)
-    return int(np.argmax(probs))
+def patch_contributions(model: SlideModel | Ensemble, x: np.ndarray,
+                        device: torch.device | str = "cpu", index: int | None = None
+                        ) -> np.ndarray:
+    """Gradient × input per patch (N,): how much each patch's (standardised) features push
+    the reported score — the predicted class's logit (`index`), the risk, or the value — up
+    or down, summed over feature dimensions; an ensemble's mean. Works for every head, the
+    ones without attention (transmil, mean) included."""
+    members = model.members if isinstance(model, Ensemble) else [model]
+    scores = []
+    for m in members:
+        m.eval()
+        t = torch.as_tensor(x, dtype=torch.float32, device=device).unsqueeze(0)
+        with torch.inference_mode(False), torch.enable_grad():
+            z = ((t - m.mean) / m.std).detach().clone().requires_grad_(True)
+            logits = m.head(z, torch.ones(z.shape[:2], dtype=torch.bool, device=device)).logits
+            if m.spec.task == "classification":
+                score = logits[0, int(logits[0].argmax()) if index is None else index]
+            else:
+                score = m.output(logits)[0, 0]
+            (grad,) = torch.autograd.grad(score, z)
+        scores.append((grad * z).sum(-1)[0].detach().float())
+    return torch.stack(scores).mean(0).cpu().numpy()

@@ -189,3 +189,61 @@ def write_witness_bags(folder: Path, n_slides: int, n_classes: int = 2, dim: int
     csv_path = folder / "labels.csv"
     csv_path.write_text("slide_id,label,patient_id\n" + "\n".join(rows) + "\n")
     return WitnessBags(csv_path, labels, witnesses)
+
+
+@dataclass
+class OutcomeBags:
+    """Synthetic bags whose witness fraction sets a survival hazard and a continuous score."""
+
+    labels_csv: Path
+    fraction: dict[str, float]  # witness fraction per slide: the planted signal
+    rows: list[dict[str, str]]
+    witnesses: dict[str, np.ndarray]  # per patch: a witness of the risk/score direction
+
+
+def write_outcome_bags(folder: Path, n_slides: int, dim: int = 32,
+                       patches: tuple[int, int] = (30, 60), shift: float = 6.0, seed: int = 0,
+                       log_hazard_per_fraction: float = 30.0, censoring: float = 0.3,
+                       second_fraction: float = 0.1) -> OutcomeBags:
+    """Features files of Gaussian patches where a fraction f ~ U(0, 0.4) of each slide's
+    patches are witnesses along one direction, and, in every other slide, `second_fraction` along a
+    second one. The labels CSV holds per slide: `time`/`event` (exponential times with
+    log-hazard `log_hazard_per_fraction` × f; a `censoring` share of them censored at a
+    uniform fraction of their time), `score`
+    (10 f + noise: regression), `high` (f > 0.2) and `second` (the second direction present):
+    two independent classification targets. Patients hold one slide each."""
+    from .h5io import write_features_file
+
+    rng = np.random.default_rng(seed)
+    dirs = np.linalg.qr(rng.standard_normal((dim, 2)))[0].T
+    folder.mkdir(parents=True, exist_ok=True)
+    fraction, rows, witnesses = {}, [], {}
+    for i in range(n_slides):
+        sid = f"case_{i:04d}"
+        n = int(rng.integers(*patches))
+        f = float(rng.uniform(0.0, 0.4))
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        w = np.zeros(n, bool)
+        w[rng.choice(n, round(f * n), replace=False)] = True
+        x[w] += shift * dirs[0]
+        witnesses[sid] = w
+        second = i % 2
+        if second:
+            k = max(1, int(second_fraction * n + 1e-9))
+            x[rng.choice(n, k, replace=False)] += shift * dirs[1]
+        coords = np.stack([np.arange(n) % 8, np.arange(n) // 8], 1) * 512
+        write_features_file(folder / f"{sid}.h5", x.astype(np.float16), coords,
+                            {"patch_size": 256, "patch_size_level0": 512},
+                            {"encoder": "synthetic", "weights": "random", "embed_dim": dim})
+        t = rng.exponential(1.0 / np.exp(log_hazard_per_fraction * f))
+        c = t * rng.uniform() if rng.uniform() < censoring else np.inf  # lost to follow-up
+        fraction[sid] = f
+        rows.append({"slide_id": sid, "patient_id": f"p{i:04d}",
+                     "time": f"{min(t, c):.5f}", "event": str(int(t <= c)),
+                     "score": f"{10 * f + rng.normal(0, 0.2):.4f}",
+                     "high": str(int(f > 0.2)), "second": str(second)})
+    path = folder / "labels.csv"
+    with open(path, "w") as fh:
+        fh.write(",".join(rows[0]) + "\n")
+        fh.writelines(",".join(r.values()) + "\n" for r in rows)
+    return OutcomeBags(path, fraction, rows, witnesses)

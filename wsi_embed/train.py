@@ -20,38 +20,34 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    f1_score,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .bags import BagStore, FeatureSet, feature_stats
+from .choices import RegressionLoss, SurvivalLoss, Task
 from .devices import pick_device
 from .errors import TrainError
 from .h5io import atomic_file, remove_stale_tmp, tmp_path
 from .heads import HEADS
-from .layout import slide_id_problem
+from .labels import LabelTable, TargetSpec, read_labels
 from .report import progress_bar
-from .slide_model import (
-    Ensemble,
-    ModelSpec,
-    SlideModel,
-    bag_logits,
-    decide,
-    predict_bag,
-    save_model,
+from .slide_model import Ensemble, ModelSpec, SlideModel, bag_logits, predict_bag, save_model
+from .tasks import (
+    HEADLINE,
+    SUMMARY_KEYS,
+    Objective,
+    label_cells,
+    label_columns,
+    n_outputs,
+    output_cells,
+    output_columns,
+    task_metrics,
 )
 
 log = logging.getLogger(__name__)
 
 #: below this many labelled slides each fold trains a 5-seed ensemble by default
 SMALL_COHORT = 300
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -72,146 +68,53 @@ class TrainConfig:
     seeds: int = 1  # members of each fold's ensemble (the CLI picks 5 for small cohorts)
     tune: bool = False
     warmup_epochs: float = 0.0  # 0: min(5, max(1, epochs / 20))
+    task: Task = Task.CLASSIFICATION
+    targets: tuple[str, ...] = ("label",)  # several: one model per target, shared splits
+    time: str | None = None  # survival columns
+    event: str | None = None
+    survival_loss: SurvivalLoss = SurvivalLoss.COX
+    bins: int = 4  # intervals of the discrete-time survival loss
+    regression_loss: RegressionLoss = RegressionLoss.MSE
+    patient_bags: bool = False  # a patient's slides form one bag; patients are predicted
+    bootstrap: int | None = None  # CI resamples of statistics/ (None: stats.BOOTSTRAP)
 
+    def target_spec(self, target: str | None = None) -> TargetSpec:
+        return TargetSpec(self.task, target or self.targets[0], self.time, self.event)
 
-@dataclass
-class LabelTable:
-    slide_ids: list[str]
-    y: np.ndarray  # class index per slide
-    patients: list[str]
-    splits: list[str] | None  # train/val/test per slide when the CSV has a split column
-    classes: list[str]
-
-
-# -- labels and splits --------------------------------------------------------------------
-def _class_order(labels: list[str]) -> list[str]:
-    """Numeric labels sort as numbers (0, 1, 2, 10), others alphabetically."""
-    uniq = sorted(set(labels))
-    try:
-        return sorted(uniq, key=float)
-    except ValueError:
-        return uniq
-
-
-#: cells that mean "no value" in the CSVs people export (pandas' default NA strings)
-MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-           "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
-
-
-def normalise_label(label: str) -> str:
-    """Numbers are compared as numbers: "0", "0.0" and "+0" are one class, "0"."""
-    try:
-        x = float(label)
-    except ValueError:
-        return label
-    if not math.isfinite(x):
-        return label
-    return str(int(x)) if x.is_integer() else repr(x)
-
-
-def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in reader.fieldnames or []]
-            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    except UnicodeDecodeError as e:
-        raise TrainError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
-                         "UTF-8, e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`") from None
-    except csv.Error as e:
-        raise TrainError(f"{path}: not a readable CSV ({e})") from None
-    return cols, rows
-
-
-def read_labels(path: Path, fs: FeatureSet) -> LabelTable:
-    """The labelled slides that have features (with non-empty bags). Slides without features
-    are listed in a warning and skipped; features without labels are counted and ignored;
-    missing labels (empty, NA, NaN, ...) are dropped with a warning naming their lines."""
-    if not path.is_file():
-        raise TrainError(f"--labels {path}: no such file")
-    cols, rows = _read_csv_rows(path)
-    missing = [c for c in ("slide_id", "label") if c not in cols]
-    if missing:
-        raise TrainError(f"{path}: no {' or '.join(repr(c) for c in missing)} column "
-                         f"(columns: {', '.join(cols) or 'none'}); expected "
-                         "slide_id,label[,patient_id][,split]")
-    has_split = "split" in cols
-    seen: dict[str, str] = {}
-    no_features, empty, kept, unlabelled_rows = [], [], [], []
-    for i, r in enumerate(rows, start=2):
-        sid = r["slide_id"]
-        if not sid:
-            raise TrainError(f"{path} line {i}: empty slide_id")
-        why = slide_id_problem(sid)
-        if why:
-            raise TrainError(f"{path} line {i}: slide id {sid!r} is not usable: {why}")
-        if r["label"] in MISSING:
-            unlabelled_rows.append(i)
-            continue
-        label = r["label"] = normalise_label(r["label"])
-        if sid in seen:
-            if seen[sid] != label:
-                raise TrainError(f"{path}: slide {sid!r} has two labels "
-                                 f"({seen[sid]!r}, {label!r})")
-            continue
-        seen[sid] = label
-        if sid not in fs.metas:
-            no_features.append(sid)
-        elif fs.metas[sid].n == 0:
-            empty.append(sid)
-        else:
-            kept.append(r)
-    if unlabelled_rows:
-        log.warning("%s: %d rows have no label (empty or NA) and are left out: lines %s%s",
-                    path, len(unlabelled_rows), ", ".join(map(str, unlabelled_rows[:10])),
-                    " ..." if len(unlabelled_rows) > 10 else "")
-    if no_features:
-        log.warning("%d labelled slides have no features file and are skipped: %s%s",
-                    len(no_features), ", ".join(no_features[:10]),
-                    " ..." if len(no_features) > 10 else "")
-    if empty:
-        log.warning("%d labelled slides have no patches (no tissue) and are skipped: %s",
-                    len(empty), ", ".join(empty[:10]))
-    unlabelled = len(set(fs.metas) - set(seen))
-    if unlabelled:
-        log.info("%d features files have no label and are ignored", unlabelled)
-    if not kept:
-        raise TrainError(f"none of the slide ids in {path} has a features file; ids are the "
-                         "features files' names without .h5")
-    labels = [r["label"] for r in kept]
-    classes = _class_order(labels)
-    if len(classes) < 2:
-        raise TrainError(f"{path}: only one class ({classes[0]!r}) among the slides with "
-                         "features; a classifier needs at least two")
-    splits = None
-    if has_split:
-        bad = sorted({r["split"] for r in kept if r["split"].lower() not in SPLIT_NAMES})
-        if bad:
-            raise TrainError(f"{path}: split values must be train, val or test; found "
-                             f"{', '.join(map(repr, bad))}")
-        splits = [SPLIT_NAMES[r["split"].lower()] for r in kept]
-    index = {c: i for i, c in enumerate(classes)}
-    return LabelTable([r["slide_id"] for r in kept], np.array([index[c] for c in labels]),
-                      [r.get("patient_id") or r["slide_id"] for r in kept], splits, classes)
+    @property
+    def loss(self) -> str | None:
+        return {Task.SURVIVAL: str(self.survival_loss),
+                Task.REGRESSION: str(self.regression_loss)}.get(self.task)
 
 
 def _group_split(idx: np.ndarray, t: LabelTable, n_splits: int, seed: int):
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     groups = [t.patients[i] for i in idx]
-    return [(idx[a], idx[b]) for a, b in sgkf.split(idx, t.y[idx], groups)]
+    return [(idx[a], idx[b]) for a, b in sgkf.split(idx, t.strata[idx], groups)]
+
+
+def _strata_names(t: LabelTable) -> list[str]:
+    if t.task == Task.CLASSIFICATION:
+        return [f"class {c!r}" for c in t.classes]
+    if t.task == Task.SURVIVAL:
+        return ["censored", "events"]
+    return [f"value quartile {q + 1}" for q in range(4)]
 
 
 def _patients_per_class(idx: np.ndarray, t: LabelTable) -> dict[str, int]:
-    return {c: len({t.patients[i] for i in idx if t.y[i] == k})
-            for k, c in enumerate(t.classes)}
+    names = _strata_names(t)
+    present = sorted(set(t.strata.tolist()))
+    return {names[k] if k < len(names) else "units without the first target":
+            len({t.patients[i] for i in idx if t.strata[i] == k}) for k in present}
 
 
 def _train_val(idx: np.ndarray, t: LabelTable, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Hold out about 1/5 of `idx` (by patient, stratified) for early stopping."""
     fewest = min(_patients_per_class(idx, t).values())
     if fewest < 2:
-        raise TrainError("a class has fewer than 2 patients in a training split, too few to "
-                         "hold out validation slides; use fewer --folds or more slides")
+        raise TrainError("a class (or survival/regression stratum) has fewer than 2 patients "
+                         "in a training split, too few to hold out validation slides; use "
+                         "fewer --folds or more slides")
     return _group_split(idx, t, min(5, fewest), seed + 1)[0]
 
 
@@ -229,7 +132,7 @@ def make_splits(t: LabelTable, folds: int, seed: int) -> list[dict[str, list[str
     per_class = _patients_per_class(np.arange(len(ids)), t)
     if min(per_class.values()) < folds:
         raise TrainError(f"too few patients for {folds} stratified folds: "
-                         + ", ".join(f"class {c!r} has {n}" for c, n in per_class.items())
+                         + ", ".join(f"{c} has {n}" for c, n in per_class.items())
                          + f"; use --folds {max(2, min(per_class.values()))} or fewer")
     out = []
     for rest, test in _group_split(np.arange(len(ids)), t, folds, seed):
@@ -248,11 +151,6 @@ def pad_bags(bags: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor
         x[i, : len(b)] = torch.from_numpy(b)
         mask[i, : len(b)] = True
     return x.to(device), mask.to(device)
-
-
-def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
 def predict_ids(model, store: BagStore, ids: list[str], device) -> np.ndarray:
@@ -321,9 +219,8 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     rng = np.random.default_rng(seed)
     mean, std = feature_stats(store, train_ids)
     model = SlideModel(spec, mean, std).to(device)
-    y_train = np.array([label[s] for s in train_ids])
-    cw = class_weights(y_train, len(t.classes)).to(device)
-    y_val = torch.tensor([label[s] for s in val_ids])
+    objective = Objective(spec, np.array([label[s] for s in train_ids]), model)
+    y_val = objective.targets([label[s] for s in val_ids], "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(train_ids) / cfg.batch_size)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs else min(5.0, max(1.0, cfg.epochs / 20))
@@ -342,17 +239,16 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
                 group["lr"] = cfg.lr * warmup_cosine(epoch + s / steps, warmup, horizon)
             ids = [train_ids[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
             x, mask = pad_bags([store.sample(i, cfg.bag_size, rng) for i in ids], device)
-            y = torch.tensor([label[i] for i in ids], device=device)
-            out = model(x, mask, y)
-            loss = F.cross_entropy(out.logits, y, weight=cw)
+            y = objective.targets([label[i] for i in ids], device)
+            out = model(x, mask, y if t.task == Task.CLASSIFICATION else None)
+            loss = objective(out.logits, y)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(ids)
-        probs = torch.from_numpy(predict_ids(model, store, val_ids, device))
-        val_loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_val, weight=cw.cpu()))
+        val_loss = float(objective(_raw_logits(model, store, val_ids, device), y_val))
         history.append({"epoch": epoch, "train_loss": total / len(train_ids),
                         "val_loss": val_loss})
         log.debug("%s epoch %d: train loss %.4f, val loss %.4f", desc, epoch,
@@ -380,17 +276,22 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
         log.warning("%s: the validation loss was still falling at the last epochs (best "
                     "epoch %d of %d, no early stop): raise --epochs", desc, best["epoch"],
                     cfg.epochs)
-    logits = torch.cat([bag_logits(model, store.get(s), device).logits.float().cpu()
-                        for s in val_ids])
-    temperature, bias = fit_calibration(logits, y_val)
-    model.temperature.fill_(temperature)
-    model.class_bias.copy_(bias)
+    if t.task == Task.CLASSIFICATION:
+        temperature, bias = fit_calibration(_raw_logits(model, store, val_ids, device), y_val)
+        model.temperature.fill_(temperature)
+        model.class_bias.copy_(bias)
     log.info("%s: %s; best epoch %d, temperature %.2f", desc, stop, best["epoch"],
              float(model.temperature))
     return model.eval(), {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                           "epochs_run": len(history), "stop_reason": stop,
                           "still_improving": still, "temperature": float(model.temperature),
                           "history": history}
+
+
+def _raw_logits(model: SlideModel, store: BagStore, ids: list[str], device) -> torch.Tensor:
+    """The member's uncalibrated logits (n, k) for whole bags, on the CPU."""
+    return torch.cat([bag_logits(model, store.get(s), device).logits.float().cpu()
+                      for s in ids])
 
 
 #: the small search of `--tune`: what matters most for MIL heads, judged on validation only
@@ -429,7 +330,7 @@ def fit_members(store: BagStore, split: dict[str, list[str]], t: LabelTable, spe
         members.append(m)
         infos.append(info)
     model = Ensemble(members)
-    if len(t.classes) == 2:
+    if t.task == Task.CLASSIFICATION and len(t.classes) == 2:
         label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
         p = predict_ids(model, store, split["val"], device)
         model.threshold = youden_threshold(np.array([label[s] for s in split["val"]]),
@@ -440,35 +341,15 @@ def fit_members(store: BagStore, split: dict[str, list[str]], t: LabelTable, spe
 # -- metrics and outputs ------------------------------------------------------------------
 def metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
             threshold: float | None = None) -> dict[str, float]:
-    """AUC (macro one-vs-rest for ≥3 classes; NaN when y has one class), and at the argmax
-    balanced accuracy, macro F1 and Cohen's kappa; with a binary `threshold` (chosen on
-    validation data) the same three at that threshold."""
-    out = _metrics(y, probs, n_classes)
-    if threshold is not None and n_classes == 2:
-        at = _metrics(y, probs, n_classes, threshold)
-        out |= {f"{k}_at_val_threshold": at[k] for k in ("balanced_accuracy", "f1", "kappa")}
-        out["val_threshold"] = float(threshold)
-    return out
+    """Classification metrics (kept here for callers of train's API)."""
+    return task_metrics(Task.CLASSIFICATION, y, probs, n_classes, threshold)
 
 
-def _metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
-             threshold: float | None = None) -> dict[str, float]:
-    pred = np.array([decide(p, threshold) for p in probs])
-    try:
-        auc = (roc_auc_score(y, probs[:, 1]) if n_classes == 2 else
-               roc_auc_score(y, probs, multi_class="ovr", average="macro",
-                             labels=list(range(n_classes))))
-    except ValueError:
-        auc = float("nan")
-    return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-            "f1": float(f1_score(y, pred, average="macro")),
-            "kappa": float(cohen_kappa_score(y, pred)), "n": int(len(y))}
-
-
-def summarise(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def summarise(per_fold: list[dict], task: Task = Task.CLASSIFICATION
+              ) -> dict[str, dict[str, float]]:
     out = {}
-    for k in ("auc", "balanced_accuracy", "f1", "kappa"):
-        v = np.array([m[k] for m in per_fold], dtype=np.float64)
+    for k in SUMMARY_KEYS[task]:
+        v = np.array([m.get(k, np.nan) for m in per_fold], dtype=np.float64)
         out[k] = {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
                   "sd": float(np.nanstd(v)) if np.isfinite(v).any() else float("nan")}
     return out
@@ -479,31 +360,91 @@ def _write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_predictions(path: Path, ids: list[str], y: np.ndarray | None, probs: np.ndarray,
-                      classes: list[str], extra: dict | None = None) -> None:
-    """One row per slide: slide_id, [label], prediction, prob_<class>... (atomic)."""
+def write_predictions(path: Path, ids: list[str], y: np.ndarray | None, out: np.ndarray,
+                      classes: list[str], extra: dict | None = None,
+                      task: Task = Task.CLASSIFICATION, unit: str = "slide_id") -> None:
+    """One row per slide (or patient): its id, [extra], [its label(s)], the output columns
+    of the task (prediction and prob_<class>..., risk, or prediction). Atomic."""
     extra = extra or {}
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["slide_id", *extra, *(["label"] if y is not None else []),
-                    "prediction", *(f"prob_{c}" for c in classes)])
+        w.writerow([unit, *extra, *(label_columns(task) if y is not None else []),
+                    *output_columns(task, classes)])
         for i, sid in enumerate(ids):
             w.writerow([sid, *(v[i] for v in extra.values()),
-                        *([classes[y[i]]] if y is not None else []),
-                        classes[int(probs[i].argmax())], *(f"{p:.6f}" for p in probs[i])])
+                        *(label_cells(task, classes, y[i]) if y is not None else []),
+                        *output_cells(task, classes, out[i])])
+
+
+def _check_head(cfg: TrainConfig) -> None:
+    if cfg.head not in HEADS:
+        raise TrainError(f"unknown --head {cfg.head!r}; choose one of {', '.join(HEADS)}")
+    if cfg.task == Task.SURVIVAL and cfg.survival_loss == SurvivalLoss.NLL and cfg.bins < 2:
+        raise TrainError("--bins must be at least 2 for --survival-loss nll")
+    if len(set(cfg.targets)) != len(cfg.targets):
+        raise TrainError(f"--targets names a column twice: {','.join(cfg.targets)}")
+    if cfg.task == Task.SURVIVAL and len(cfg.targets) > 1:
+        raise TrainError("--targets is for classification and regression; survival takes "
+                         "--time and --event")
 
 
 def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
-    """Cross-validate, write per-fold models and predictions, metrics, and model.pt."""
-    if cfg.head not in HEADS:
-        raise TrainError(f"unknown --head {cfg.head!r}; choose one of {', '.join(HEADS)}")
-    t = read_labels(labels, fs)
+    """Cross-validate, write per-fold models and predictions, metrics, statistics and
+    model.pt; with several --targets one such folder per target, on shared splits."""
+    _check_head(cfg)
+    tables = {target: read_labels(labels, fs, cfg.target_spec(target), cfg.patient_bags)
+              for target in cfg.targets}
+    union = _union(list(tables.values()))
     if not cfg.seeds:
-        cfg = replace(cfg, seeds=5 if len(t.slide_ids) < SMALL_COHORT else 1)
-    splits = make_splits(t, cfg.folds, cfg.seed)
+        cfg = replace(cfg, seeds=5 if len(union.slide_ids) < SMALL_COHORT else 1)
+    splits = make_splits(union, cfg.folds, cfg.seed)
+    final = None
+    if union.splits is None:
+        tr, va = _train_val(np.arange(len(union.slide_ids)), union, cfg.seed + len(splits))
+        ids = np.array(union.slide_ids)
+        final = {"train": ids[tr].tolist(), "val": ids[va].tolist()}
     device = pick_device(cfg.device)
     with model_folder(cfg.out) as work:
-        return _train_into(work, fs, labels, cfg, t, splits, device)
+        if len(tables) == 1:
+            (t,) = tables.values()
+            return _train_into(work, fs, labels, cfg, t, splits, final, device)
+        _write_json(work / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
+        results = {}
+        for target, t in tables.items():
+            log.info("target %s: %d labelled", target, len(t.slide_ids))
+            results[target] = _train_into(work / "targets" / target, fs, labels,
+                                          replace(cfg, targets=(target,)), t,
+                                          [_restrict(s, t) for s in splits],
+                                          None if final is None else _restrict(final, t),
+                                          device)
+        summary = {k: r["summary"] for k, r in results.items()}
+        _write_json(work / "metrics.json", {"targets": summary})
+        return {"targets": results, "summary": summary}
+
+
+def _union(tables: list[LabelTable]) -> LabelTable:
+    """Every unit labelled for any target, stratified by the first target (units without it
+    form their own stratum): the shared splits of a multi-target run."""
+    if len(tables) == 1:
+        return tables[0]
+    first = tables[0]
+    info: dict[str, tuple[str, str | None, int]] = {}
+    for t in reversed(tables):  # the first table's strata win
+        extra = int(first.strata.max()) + 1
+        for i, sid in enumerate(t.slide_ids):
+            stratum = int(t.strata[i]) if t is first else extra
+            info[sid] = (t.patients[i], None if t.splits is None else t.splits[i], stratum)
+    ids = sorted(info)
+    splits = None if first.splits is None else [info[s][1] or "train" for s in ids]
+    strata = np.array([info[s][2] for s in ids])
+    return LabelTable(ids, strata, [info[s][0] for s in ids], splits, first.classes, strata,
+                      first.task)
+
+
+def _restrict(split: dict[str, list[str]], t: LabelTable) -> dict[str, list[str]]:
+    """A shared split's units that have this target."""
+    have = set(t.slide_ids)
+    return {part: [s for s in ids if s in have] for part, ids in split.items()}
 
 
 @contextlib.contextmanager
@@ -532,29 +473,44 @@ def model_folder(final: Path) -> Iterator[Path]:
 
 
 def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: LabelTable,
-                splits: list[dict[str, list[str]]], device) -> dict:
-    spec = ModelSpec(cfg.head, fs.dim, t.classes, fs.encoder, fs.weights, cfg.dropout)
-    store = BagStore({s: fs.metas[s] for s in t.slide_ids}, int(cfg.cache_gb * 2**30))
-    label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
+                splits: list[dict[str, list[str]]], final: dict[str, list[str]] | None,
+                device) -> dict:
+    from .stats import write_statistics
+
+    spec = ModelSpec(cfg.head, fs.dim, t.classes, fs.encoder, fs.weights, cfg.dropout,
+                     str(cfg.task), cfg.loss, n_outputs(cfg.task, len(t.classes), cfg.loss,
+                                                        cfg.bins))
+    metas = {s: fs.metas[s] for s in (t.slide_ids if t.members is None else
+                                      [m for ms in t.members.values() for m in ms])}
+    store = BagStore(metas, int(cfg.cache_gb * 2**30), t.members)
+    label = dict(zip(t.slide_ids, t.y, strict=True))
+    unit = "patient_id" if t.members is not None else "slide_id"
+    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", {**asdict(cfg), "labels": str(labels),
-                                          "model": asdict(spec),
-                                          "n_slides": len(t.slide_ids)})
+                                      "model": asdict(spec), "n_slides": len(metas),
+                                      "n_units": len(t.slide_ids), "unit": unit})
     _write_json(out / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
-    log.info("%d slides, classes %s, %d fold(s), head %s on %s", len(t.slide_ids),
-             t.classes, len(splits), cfg.head, device)
+    if t.members is not None:
+        _write_json(out / "patients.json", t.members)
+    log.info("%d %ss, %s %s, %d fold(s), head %s on %s", len(t.slide_ids), unit[:-3],
+             "classes" if cfg.task == Task.CLASSIFICATION else "task",
+             t.classes if cfg.task == Task.CLASSIFICATION else cfg.task, len(splits),
+             cfg.head, device)
     per_fold, fits, oof = [], [], []
+    headline = HEADLINE[cfg.task]
     for k, split in enumerate(splits):
         model, info = fit_members(store, split, t, spec, cfg, cfg.seed + k, device,
                                   f"fold {k}")
         fold_dir = out / "folds" / f"fold_{k}"
         save_model(fold_dir / "model.pt", model, {"fold": k})
         eval_ids = split["test"] or split["val"]
-        probs = predict_ids(model, store, eval_ids, device)
+        pred = predict_ids(model, store, eval_ids, device)
         y = np.array([label[s] for s in eval_ids])
-        write_predictions(fold_dir / "predictions.csv", eval_ids, y, probs, t.classes)
-        oof += [(k, s, y[i], probs[i]) for i, s in enumerate(eval_ids)]
+        write_predictions(fold_dir / "predictions.csv", eval_ids, y, pred, t.classes,
+                          task=cfg.task, unit=unit)
+        oof += [(k, s, y[i], pred[i]) for i, s in enumerate(eval_ids)]
         first = info["members"][0]
-        m = metrics(y, probs, len(t.classes), model.threshold) | {
+        m = task_metrics(cfg.task, y, pred, len(t.classes), model.threshold) | {
             "fold": k, "evaluated_on": "test" if split["test"] else "val",
             "best_epoch": first["best_epoch"], "stop_reason": first["stop_reason"],
             "still_improving": any(i["still_improving"] for i in info["members"]),
@@ -562,18 +518,22 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
             "tuned": info["tuned"]}
         per_fold.append(m)
         fits.append(first)
-        log.info("fold %d: AUC %.3f, balanced accuracy %.3f (best epoch %d, %s)", k, m["auc"],
-                 m["balanced_accuracy"], first["best_epoch"], first["stop_reason"])
-    write_predictions(out / "oof_predictions.csv", [o[1] for o in oof],
-                      np.array([o[2] for o in oof]), np.stack([o[3] for o in oof]), t.classes,
-                      {"fold": [o[0] for o in oof]})
-    result = {"folds": per_fold, "summary": summarise(per_fold), "classes": t.classes,
+        log.info("fold %d: %s %.3f (best epoch %d, %s)", k, headline, m[headline],
+                 first["best_epoch"], first["stop_reason"])
+    oof_ids, oof_y = [o[1] for o in oof], np.array([o[2] for o in oof])
+    oof_pred = np.stack([o[3] for o in oof])
+    write_predictions(out / "oof_predictions.csv", oof_ids, oof_y, oof_pred, t.classes,
+                      {"fold": [o[0] for o in oof]}, cfg.task, unit)
+    result = {"folds": per_fold, "summary": summarise(per_fold, cfg.task),
+              "classes": t.classes, "task": str(cfg.task),
               "history": [f["history"] for f in fits]}
-    if t.splits is None:  # with a fixed split the one fold's model is the model
-        tr, va = _train_val(np.arange(len(t.slide_ids)), t, cfg.seed + len(splits))
-        ids = np.array(t.slide_ids)
-        model, _ = fit_members(store, {"train": ids[tr].tolist(), "val": ids[va].tolist()}, t,
-                               spec, cfg, cfg.seed + len(splits), device, "final")
+    patient = dict(zip(t.slide_ids, t.patients, strict=True))
+    result["statistics"] = write_statistics(
+        out / "statistics", cfg.task, oof_y, oof_pred, t.classes,
+        [patient[s] for s in oof_ids], cfg.seed, cfg.bootstrap)
+    if final is not None:  # with a fixed split the one fold's model is the model
+        model, _ = fit_members(store, final, t, spec, cfg, cfg.seed + len(splits), device,
+                               "final")
     save_model(out / "model.pt", model)
     _write_json(out / "metrics.json", result)
     return result

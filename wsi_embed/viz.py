@@ -4,6 +4,7 @@ patches, and QuPath GeoJSON."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import cv2
@@ -136,14 +137,16 @@ def write_geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict
 
 def slide_figures(layout: OutputLayout, sid: str, slide_path: Path, coords: np.ndarray,
                   coords_attrs: dict, attn, patch_probs, probs: np.ndarray, classes: list[str],
-                  top_k: int, attn_name: str = "attention") -> str | None:
+                  top_k: int, attn_name: str = "attention",
+                  headline: list[str] | None = None) -> str | None:
     """Heatmap PNG, top/bottom-k patch grid and GeoJSON for one slide; returns a warning
     instead of raising when the slide cannot be read (the prediction still stands)."""
     from .slides import SlideError, open_slide, read_thumbnail
 
     score, what = patch_scores(attn, patch_probs, probs, attn_name)
     size0 = patch_size_level0(coords, coords_attrs)
-    measurements = {what.replace(" ", "_"): score, "rank": rank_normalise(score)}
+    key = re.sub(r"[^0-9A-Za-z]+", "_", what).strip("_")
+    measurements = {key: score, "rank": rank_normalise(score)}
     if patch_probs is not None:
         measurements |= {f"prob_{c}": patch_probs[:, i] for i, c in enumerate(classes)}
     write_geojson(layout.classify_output("geojson", sid), coords, size0, measurements, sid)
@@ -151,10 +154,9 @@ def slide_figures(layout: OutputLayout, sid: str, slide_path: Path, coords: np.n
         with open_slide(slide_path) as slide:
             d = max(1.0, max(slide.width, slide.height) / HEATMAP_MAX_SIDE)
             pred = int(np.argmax(probs))
-            legend = [f"{sid}: predicted {classes[pred]} (p = {probs[pred]:.3f}); "
-                      f"colour = {what} rank"]
-            legend.append("  ".join(f"{c}: {p:.3f}" for c, p in zip(classes, probs,
-                                                                      strict=True)))
+            legend = headline or [
+                f"{sid}: predicted {classes[pred]} (p = {probs[pred]:.3f}); colour = {what} rank",
+                "  ".join(f"{c}: {p:.3f}" for c, p in zip(classes, probs, strict=True))]
             write_png(layout.classify_output("heatmaps", sid),
                       heatmap(read_thumbnail(slide, d), d, coords, size0,
                               rank_normalise(score), legend))

@@ -169,7 +169,8 @@ def run_zero_shot(cfg: ZeroShotConfig) -> RunReport:
 def _write_metrics(cfg: ZeroShotConfig, fs: FeatureSet, names: list[str],
                    probs_by_slide: dict[str, np.ndarray]) -> None:
     """The same metrics as `train` on the slides whose label is one of the classes."""
-    from .train import metrics, read_labels
+    from .labels import read_labels
+    from .train import metrics
 
     table = read_labels(cfg.labels, fs)
     index = {n: i for i, n in enumerate(names)}
