@@ -30,3 +30,18 @@ class SurvivalLoss(StrEnum):
 class RegressionLoss(StrEnum):
     MSE = "mse"
     HUBER = "huber"
+
+
+class DecodingMethod(StrEnum):
+    GREEDY = "greedy"
+    SAMPLE = "sample"  # top-k, top-p, temperature; seeded
+    BEAM = "beam"
+
+
+class HistoGPTSize(StrEnum):
+    """HistoGPT's published sizes (head counts, which the weights do not hold), and the
+    test fixture's."""
+
+    B1 = "histogpt-1b"
+    B3 = "histogpt-3b"
+    TINY = "tiny"

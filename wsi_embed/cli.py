@@ -13,7 +13,15 @@ from pathlib import Path
 import typer
 
 from . import __version__, batch, slides
-from .choices import Pooling, RegressionLoss, SurvivalLoss, Task, Threshold
+from .choices import (
+    DecodingMethod,
+    HistoGPTSize,
+    Pooling,
+    RegressionLoss,
+    SurvivalLoss,
+    Task,
+    Threshold,
+)
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
 
@@ -430,6 +438,44 @@ def _headline(s: dict) -> str:
     if s["task"] == "survival":
         return f"C-index {ci(s['c_index'])}"
     return f"Pearson r {ci(s['pearson_r'])}"
+
+
+@_command
+def report(features: Path = typer.Option(..., "--features",
+                                         help="CTransPath features: OUT/features/ctranspath."),
+           model: str = typer.Option(..., "--model",
+                                     help="HistoGPT checkpoint (.pth) or its folder (with the "
+                                          "BioGPT tokenizer files); 'random' for tests."),
+           out: Path = OUT,
+           size: HistoGPTSize = typer.Option(HistoGPTSize.B1, "--size",
+                                             help="Head counts when no config.json is beside "
+                                                  "the checkpoint; the model of --model random."),
+           tokenizer: Path = typer.Option(None, "--tokenizer",
+                                          help="Folder with BioGPT's vocab.json and merges.txt "
+                                               "(default: the checkpoint's folder)."),
+           prompt: str = typer.Option("Final diagnosis:", "--prompt"),
+           max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+           decoding: DecodingMethod = typer.Option(DecodingMethod.GREEDY, "--decoding"),
+           num_beams: int = typer.Option(4, "--num-beams", help="Beam search's width."),
+           top_k: int = typer.Option(40, "--top-k", help="Sampling: the k likeliest tokens."),
+           top_p: float = typer.Option(0.95, "--top-p", help="Sampling: nucleus mass."),
+           temperature: float = typer.Option(0.7, "--temperature", help="Sampling."),
+           seed: int = typer.Option(0, "--seed", help="Sampling's seed (per slide)."),
+           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
+           precision: Precision = typer.Option(Precision.FP32, "--precision",
+                                               help="CUDA autocast: fp32, bf16, fp16."),
+           overwrite: bool = OVERWRITE, log_level: str = LOG_LEVEL) -> None:
+    """Write a pathology report per slide with HistoGPT (reports.csv, reports/<id>.txt)."""
+    from .histogpt import Decoding
+    from .write_reports import ReportConfig, run_report
+
+    _setup_logging(log_level)
+    if max_new_tokens < 1 or num_beams < 1 or temperature <= 0 or not 0 < top_p <= 1:
+        raise UsageError("--max-new-tokens and --num-beams must be ≥ 1, --temperature > 0, "
+                         "--top-p in (0, 1]")
+    d = Decoding(str(decoding), max_new_tokens, num_beams, top_k, top_p, temperature, seed)
+    _finish(run_report(ReportConfig(features, model, out, str(size), tokenizer, prompt, d,
+                                    device, precision, overwrite)))
 
 
 @_command

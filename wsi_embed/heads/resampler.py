@@ -1,6 +1,11 @@
-"""Perceiver-style resampler (the slide module of HistoGPT): a few learnable latents
-cross-attend to the patch embeddings, then self-attend; their mean is classified. Its
-cross-attention to patches, averaged over heads and latents, is the heatmap."""
+"""Perceiver-style resampler head: a few learnable latents cross-attend to the patch
+embeddings, then self-attend; their mean is classified. Its cross-attention to patches,
+averaged over heads and latents, is the heatmap.
+
+HistoGPT's resampler (`histogpt.py`, Flamingo's) differs in more than sizes, so the two are
+not one module: there the latents attend to the patches and to themselves in one step, with
+no self-attention blocks, no padding mask (one slide at a time) and no dropout; here padded
+batches are masked and the attention is returned for maps."""
 
 from __future__ import annotations
 
