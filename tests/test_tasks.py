@@ -74,7 +74,8 @@ def test_survival_nll_heatmaps_and_kaplan_meier(outcomes, tmp_path):
         if 0 < w.sum() < len(w):
             with h5py.File(tmp_path / "c" / "attention" / f"{sid}.h5") as f:
                 assert f.attrs["map_score"] == "patch_contribution"
-                assert "gradient" in f.attrs["map_method"] and f.attrs["task"] == "survival"
+                assert f.attrs["map_method"].startswith("leave-one-out")  # the mean head's
+                assert f.attrs["task"] == "survival"
                 c = f["patch_contribution"][:]
             ratios.append(c[w].mean() > c[~w].mean())
     assert np.mean(ratios) >= 0.9, np.mean(ratios)
@@ -117,6 +118,18 @@ def test_regression_learns_a_planted_linear_signal(outcomes, tmp_path):
     s = json.loads((tmp_path / "m" / "statistics" / "statistics.json").read_text())
     assert s["pearson_r"]["ci_low"] <= s["pearson_r"]["value"] <= s["pearson_r"]["ci_high"]
     assert (tmp_path / "m" / "statistics" / "scatter.svg").is_file()
+    # the maps of a regression head: witness patches raise the value (gradient × input)
+    r = cli("classify", "--features", outcomes.labels_csv.parent, "--model",
+            tmp_path / "m" / "model.pt", "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    up = []
+    for sid, w in outcomes.witnesses.items():
+        if 0 < w.sum() < len(w):
+            with h5py.File(tmp_path / "c" / "attention" / f"{sid}.h5") as f:
+                assert f.attrs["map_method"].startswith("gradient × input")
+                c = f["patch_contribution"][:]
+            up.append(c[w].mean() > c[~w].mean())
+    assert np.mean(up) >= 0.9, np.mean(up)
 
 
 def test_two_targets_on_shared_splits_missing_labels_skip_one_target_only(tmp_path):
@@ -203,3 +216,39 @@ def test_bad_task_inputs_exit_2_with_one_line(outcomes, tmp_path, case, args, ro
             tmp_path / "m", *args)
     assert r.exit_code == 2 and message in r.output, (case, r.output)
     assert not (tmp_path / "m").exists()
+
+
+def test_one_multi_head_model_learns_two_targets(tmp_path):
+    """`--targets high,second --multi-head`: one model whose outputs hold both targets;
+    a slide without `high` still trains `second`; `classify` and `statistics` give each
+    target its own columns and numbers."""
+    outcomes = write_outcome_bags(tmp_path / "f", 64, patches=(12, 24), second_fraction=0.3)
+    rows = outcomes.rows
+    no_high = {r["slide_id"] for r in rows[::8]}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,high,second\n" + "".join(
+        f"{r['slide_id']},{'' if r['slide_id'] in no_high else r['high']},{r['second']}\n"
+        for r in rows))
+    r = cli("train", "--features", tmp_path / "f", "--labels", labels, "--out", tmp_path / "m",
+            "--targets", "high,second", "--multi-head", "--head", "abmil", *FAST)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert m["per_target"]["high"]["auc"]["mean"] >= 0.8, m["per_target"]
+    assert m["per_target"]["second"]["auc"]["mean"] >= 0.8, m["per_target"]
+    oof = read_csv(tmp_path / "m" / "oof_predictions.csv")
+    assert len(oof) == 64 and {"label_high", "prob_high:1", "prediction_second"} <= set(oof[0])
+    assert sum(r["label_high"] == "" for r in oof) == len(no_high)
+    for t in ("high", "second"):
+        s = json.loads((tmp_path / "m" / "statistics" / t / "statistics.json").read_text())
+        assert s["n"] == (64 - len(no_high) if t == "high" else 64)
+    r = cli("classify", "--features", tmp_path / "f", "--model", tmp_path / "m" / "model.pt",
+            "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    pred = {p["slide_id"]: p for p in read_csv(tmp_path / "c" / "predictions.csv")}
+    row = pred[rows[1]["slide_id"]]
+    assert float(row["prob_second:0"]) + float(row["prob_second:1"]) == pytest.approx(1, abs=2e-6)
+    r = cli("statistics", "--predictions", tmp_path / "c" / "predictions.csv", "--labels",
+            labels, "--target", "second", "--out", tmp_path / "s", "--bootstrap", "50")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "s" / "statistics.json").read_text())
+    assert s["per_class"]["1"]["auroc"]["value"] >= 0.8

@@ -26,10 +26,11 @@ from .h5io import (
     set_attrs,
     write_coords_dataset,
 )
+from .heads import ATTENTION_MAPS
 from .layout import OutputLayout
 from .report import RunReport
 from .slide_model import decide, load_model, patch_contributions, predict_bag
-from .tasks import output_cells, output_columns
+from .tasks import is_multi, output_cells, output_columns, segments
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +62,35 @@ def check_compatible(spec, fs, features: Path) -> None:
 
 #: how each per-patch score on the maps is made (the heatmap legend and attention/<id>.h5)
 MAP_METHODS = {"attention": "the head's attention weights (sum to 1 over the slide)",
-               "patch_contribution": "gradient × input: d(score)/d(features) · features per "
-                                     "patch, summed over features (+ raises the score)"}
+               "gradient × input": "d(score)/d(features) · features per patch, summed over "
+                                   "features (+ raises the score)",
+               "leave-one-out": "the score of the whole bag minus the score without the "
+                                "patch (+ raises the score)"}
 
 
 def write_attention(path: Path, coords: np.ndarray, coords_attrs: dict, attention, patch_probs,
                     probs: np.ndarray, classes: list[str], head: str,
                     extra: dict[str, np.ndarray] | None = None,
-                    task: Task = Task.CLASSIFICATION, map_score: str | None = None) -> None:
+                    task: Task = Task.CLASSIFICATION, map_score: str | None = None,
+                    groups=None, map_method: str | None = None) -> None:
     """`attention/<id>.h5`: coords, the head's attention, per-patch outputs, other per-patch
     scores (`extra`), the prediction; `map_score` names the dataset the maps show."""
     with atomic_h5(path) as f:
         attrs = {"schema": "wsi-embed/attention/1", "head": head, "task": str(task),
                  "classes": np.array(classes, dtype=object)}
-        if task == Task.CLASSIFICATION:
+        if is_multi(groups):
+            attrs |= {"prediction": "; ".join(f"{n}: {cl[int(probs[s].argmax())]}"
+                                              for n, s, cl in segments(groups)),
+                      "probabilities": probs.astype(np.float32)}
+        elif task == Task.CLASSIFICATION:
             attrs |= {"prediction": classes[int(probs.argmax())],
                       "probabilities": probs.astype(np.float32)}
         else:
             attrs |= {"prediction": float(probs[0]), "output": classes[0]}
         if map_score:
-            attrs |= {"map_score": map_score, "map_method": MAP_METHODS.get(map_score, "")}
+            method = map_method or map_score
+            attrs |= {"map_score": map_score,
+                      "map_method": f"{method}: {MAP_METHODS.get(method, '')}"}
         set_attrs(f, attrs)
         write_coords_dataset(f, coords, coords_attrs)
         if attention is not None:
@@ -100,14 +110,15 @@ def slide_paths(folder: Path) -> dict[str, Path]:
 
 def predict_slides(fs: FeatureSet, out: Path, classes: list[str], command: str,
                    predict_one: Callable[[str, OutputLayout], dict],
-                   task: Task = Task.CLASSIFICATION) -> RunReport:
+                   task: Task = Task.CLASSIFICATION, groups=None) -> RunReport:
     """The per-slide loop of `classify` and `zero-shot`: `predictions.csv` through a run
     report, one row per slide, a slide's failure (a bad file, a full disk) its row only."""
     layout = OutputLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     for folder in layout.classify_dirs():
         remove_stale_tmp(folder)
-    columns = ["slide_id", "n_patches", *output_columns(task, classes), "status", "error"]
+    columns = ["slide_id", "n_patches", *output_columns(task, classes, groups), "status",
+               "error"]
     with RunReport(layout.predictions, columns, command) as report:
         report.expect(sorted({*fs.metas, *fs.unreadable}))
         for sid, why in sorted(fs.unreadable.items()):
@@ -126,11 +137,12 @@ def predict_slides(fs: FeatureSet, out: Path, classes: list[str], command: str,
 
 
 def prediction_row(classes: list[str], probs: np.ndarray, threshold: float | None = None,
-                   task: Task = Task.CLASSIFICATION) -> dict:
-    decision = decide(probs, threshold) if task == Task.CLASSIFICATION else None
-    cells = output_cells(task, classes, probs, decision)
-    return dict(zip(output_columns(task, classes), cells, strict=True)) | {"status": "ok",
-                                                                            "error": ""}
+                   task: Task = Task.CLASSIFICATION, groups=None) -> dict:
+    single = task == Task.CLASSIFICATION and not is_multi(groups)
+    cells = output_cells(task, classes, probs, decide(probs, threshold) if single else None,
+                         groups)
+    return dict(zip(output_columns(task, classes, groups), cells, strict=True)) | {
+        "status": "ok", "error": ""}
 
 
 def run_classify(cfg: ClassifyConfig) -> RunReport:
@@ -150,7 +162,7 @@ def run_classify(cfg: ClassifyConfig) -> RunReport:
     report = predict_slides(fs, cfg.out, spec.classes, "classify", lambda sid, layout:
                             _classify_one(sid, fs.metas[sid].path, store, model, device,
                                           layout, cfg.top_k, slides.get(sid), threshold),
-                            Task(spec.task))
+                            Task(spec.task), spec.groups)
     if cfg.slides:
         missing = sorted(set(fs.metas) - set(slides))
         if missing:
@@ -208,24 +220,31 @@ def _classify_one(sid: str, path: Path, store: BagStore, model, device,
     x = store.get(sid)
     probs, attn, patch_probs = predict_bag(model, x, device)
     # the map: attention where a classifier has it; else each patch's contribution
-    contribution = None
-    if attn is None or task != Task.CLASSIFICATION:
-        contribution = patch_contributions(model, x, device)
+    contribution, method = None, "attention"
+    if spec.head not in ATTENTION_MAPS or task != Task.CLASSIFICATION:
+        first = segments(spec.groups)[0] if is_multi(spec.groups) else None
+        contribution, method = patch_contributions(  # multi-head: the first target's class
+            model, x, device, None if first is None else
+            first[1].start + int(np.argmax(probs[first[1]])))
     map_score = "attention" if contribution is None else "patch_contribution"
     coords, coords_attrs = coords_for_maps(path, store.n_patches(sid), slide_path)
     write_attention(layout.classify_output("attention", sid), coords, coords_attrs, attn,
                     patch_probs, probs, spec.classes, spec.head,
                     None if contribution is None else {"patch_contribution": contribution},
-                    task, map_score if len(x) > 1 else None)
-    row = prediction_row(spec.classes, probs, threshold, task)
+                    task, map_score if len(x) > 1 else None, spec.groups, method)
+    row = prediction_row(spec.classes, probs, threshold, task, spec.groups)
     if slide_path is not None and len(coords):
         from .viz import slide_figures
 
         score = attn if contribution is None else contribution
-        name = "attention" if contribution is None else "gradient × input"
+        name = method
         headline = None if task == Task.CLASSIFICATION else [
             f"{sid}: predicted {spec.classes[0]} {float(probs[0]):.4g}",
             f"colour = {name} rank ({'risk' if task == Task.SURVIVAL else 'value'})"]
+        if is_multi(spec.groups):
+            headline = [f"{sid}: " + "; ".join(
+                f"{n} {cl[int(probs[s].argmax())]} ({probs[s].max():.3f})"
+                for n, s, cl in segments(spec.groups)), f"colour = {name} rank"]
         warn = slide_figures(layout, sid, slide_path, coords, coords_attrs, score,
                              patch_probs if task == Task.CLASSIFICATION else None,
                              probs, spec.classes, top_k, name, headline)

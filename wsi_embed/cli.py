@@ -310,6 +310,10 @@ def train(features: Path = typer.Option(..., "--features",
                                                          "--regression-loss",
                                                          help="mse or huber (on standardised "
                                                               "targets)."),
+          multi_head: bool = typer.Option(False, "--multi-head",
+                                          help="With --targets: one model, a head per "
+                                               "target (shared attention), not one per "
+                                               "target."),
           patient_bags: bool = typer.Option(False, "--patient-bags",
                                             help="Pool each patient's slides into one bag; "
                                                  "patients are predicted (needs patient_id)."),
@@ -357,9 +361,10 @@ def train(features: Path = typer.Option(..., "--features",
                       seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
                       task=task, targets=names, time=time, event=event,
                       survival_loss=survival_loss, bins=bins, regression_loss=regression_loss,
-                      patient_bags=patient_bags)
+                      patient_bags=patient_bags, multi_head=multi_head)
     result = run_train(scan_features(features), labels, cfg)
-    summaries = result["summary"] if len(names) > 1 else {names[0]: result["summary"]}
+    summaries = (result.get("per_target") or result["summary"] if len(names) > 1
+                 else {names[0]: result["summary"]})
     for name, summary in summaries.items():
         log.info(f"done ({name}): " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
                                                 for k, v in summary.items()))

@@ -82,16 +82,17 @@ def run_deploy(cfg: DeployConfig):
         x = store.get(sid)
         outs = [predict_bag(m, x, device)[0] for _, m in models]
         per_model[sid] = outs
-        return prediction_row(spec.classes, np.mean(outs, axis=0), task=task)
+        return prediction_row(spec.classes, np.mean(outs, axis=0), task=task,
+                              groups=spec.groups)
 
-    report = predict_slides(fs, cfg.out, spec.classes, "deploy", one, task)
+    report = predict_slides(fs, cfg.out, spec.classes, "deploy", one, task, spec.groups)
     ids = sorted(per_model)
     names = [f"model_{i}" for i in range(len(models))]
     for i, name in enumerate(names):
         if ids:
             write_predictions(cfg.out / "per_model" / f"{name}.csv", ids, None,
                               np.stack([per_model[s][i] for s in ids]), spec.classes,
-                              task=task)
+                              task=task, groups=spec.groups)
     with atomic_file(cfg.out / "models.json") as tmp:
         tmp.write_text(json.dumps({n: str(p) for n, (p, _) in zip(names, models, strict=True)},
                                   indent=2) + "\n")

@@ -50,6 +50,7 @@ class LabelTable:
     strata: np.ndarray  # what folds are stratified by: class, event, or value quartile
     task: Task = Task.CLASSIFICATION
     members: dict[str, list[str]] | None = None  # patient bags: unit → its slides
+    groups: list | None = None  # multi-head: [(target, classes)]; y then (n, targets), -1 NA
 
 
 def class_order(labels: list[str]) -> list[str]:

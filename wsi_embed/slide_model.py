@@ -17,6 +17,7 @@ from . import __version__
 from .errors import ModelError, one_line
 from .h5io import atomic_file
 from .heads import HeadOutput, build_head
+from .heads.mean import MeanMIL
 from .tasks import decide, outputs
 
 __all__ = ["Ensemble", "ModelSpec", "SlideModel", "decide", "load_model", "predict_bag",
@@ -39,6 +40,16 @@ class ModelSpec:
     task: str = "classification"  # classes: the class names; else the output's name
     loss: str | None = None  # survival: cox or nll; regression: mse or huber
     n_out: int = 0  # head outputs; 0: one per class
+    #: a multi-head model: [(target, its classes), ...]; `classes` then holds "target:class"
+    groups: list | None = None
+
+    def __post_init__(self):
+        """A classifier has one output per class (each head's classes adding up)."""
+        if self.task == "classification":
+            if self.n_out not in (0, len(self.classes)):
+                raise ValueError(f"{len(self.classes)} classes but {self.n_out} outputs")
+            if self.groups and sum(len(c) for _, c in self.groups) != len(self.classes):
+                raise ValueError("the targets' classes do not add up to the model's")
 
     @property
     def outputs(self) -> int:
@@ -156,25 +167,51 @@ def predict_bag(model: SlideModel | Ensemble, x: np.ndarray,
     return mean(probs), mean(attns), mean(patches)
 
 
+def _score(m: SlideModel, logits: torch.Tensor, index: int | None) -> torch.Tensor:
+    """What a map explains, per row of logits (B, k): the predicted (or `index`) class's
+    logit, the risk, or the value."""
+    if m.spec.task == "classification":
+        k = int(logits[0].argmax()) if index is None else index
+        return logits[:, k]
+    return m.output(logits)[:, 0]
+
+
 def patch_contributions(model: SlideModel | Ensemble, x: np.ndarray,
                         device: torch.device | str = "cpu", index: int | None = None
-                        ) -> np.ndarray:
-    """Gradient × input per patch (N,): how much each patch's (standardised) features push
-    the reported score — the predicted class's logit (`index`), the risk, or the value — up
-    or down, summed over feature dimensions; an ensemble's mean. Works for every head, the
-    ones without attention (transmil, mean) included."""
+                        ) -> tuple[np.ndarray, str]:
+    """How much each patch (N,) pushes the reported score — the predicted class's logit
+    (or class `index`), the risk, or the value — up or down; an ensemble's mean, and the
+    method's name. The mean head: exactly, the score of the bag minus the score without the
+    patch (leave-one-out, one batched call). Every other head: gradient × input over the
+    standardised features, summed over dimensions."""
     members = model.members if isinstance(model, Ensemble) else [model]
     scores = []
+    t = torch.as_tensor(x, dtype=torch.float32, device=device).unsqueeze(0)
+    loo = isinstance(members[0].head, MeanMIL)
     for m in members:
         m.eval()
-        t = torch.as_tensor(x, dtype=torch.float32, device=device).unsqueeze(0)
+        z = (t - m.mean) / m.std
+        if loo:
+            with torch.inference_mode():
+                n = z.shape[1]
+                bag = z.mean(1)  # (1, D)
+                without = (n * bag - z[0]) / max(n - 1, 1)  # (N, D)
+                whole = m.head.mlp(bag)
+                scores.append((_score(m, whole, index) - _score(m, m.head.mlp(without),
+                                                                 _pick(m, whole, index)))
+                              .float() if n > 1 else torch.zeros(n, device=z.device))
+            continue
         with torch.inference_mode(False), torch.enable_grad():
-            z = ((t - m.mean) / m.std).detach().clone().requires_grad_(True)
+            z = z.detach().clone().requires_grad_(True)
             logits = m.head(z, torch.ones(z.shape[:2], dtype=torch.bool, device=device)).logits
-            if m.spec.task == "classification":
-                score = logits[0, int(logits[0].argmax()) if index is None else index]
-            else:
-                score = m.output(logits)[0, 0]
-            (grad,) = torch.autograd.grad(score, z)
+            (grad,) = torch.autograd.grad(_score(m, logits, index)[0], z)
         scores.append((grad * z).sum(-1)[0].detach().float())
-    return torch.stack(scores).mean(0).cpu().numpy()
+    method = "leave-one-out" if loo else "gradient × input"
+    return torch.stack(scores).mean(0).cpu().numpy(), method
+
+
+def _pick(m: SlideModel, whole: torch.Tensor, index: int | None) -> int | None:
+    """The class the whole bag's score is of, so the bag without a patch is scored alike."""
+    if m.spec.task != "classification":
+        return None
+    return int(whole[0].argmax()) if index is None else index

@@ -248,9 +248,11 @@ def write_statistics(folder: Path, task: Task, y: np.ndarray, out: np.ndarray,
 
 
 # -- `wsi-embed statistics` ---------------------------------------------------------------
-def read_predictions(path: Path) -> tuple[str, list[str], Task, list[str], np.ndarray]:
+def read_predictions(path: Path, target: str = "label"
+                     ) -> tuple[str, list[str], Task, list[str], np.ndarray]:
     """A predictions CSV of train/classify/deploy: its unit column, ids, task (from its
-    columns: prob_<class>..., risk, or a numeric prediction), class names and outputs."""
+    columns: prob_<class>..., risk, or a numeric prediction), class names and outputs. A
+    multi-head model's file has prob_<target>:<class> columns: `target` picks one."""
     from .errors import UsageError
     from .labels import read_csv_rows
 
@@ -261,6 +263,17 @@ def read_predictions(path: Path) -> tuple[str, list[str], Task, list[str], np.nd
                          "of train, classify or deploy")
     rows = [r for r in rows if r.get("status", "ok") in ("ok", "")]
     probs = [c for c in cols if c.startswith("prob_")]
+    if any(":" in c for c in probs):  # a multi-head model's
+        heads = sorted({c[5:].split(":")[0] for c in probs})
+        if target not in heads:
+            raise UsageError(f"{path} holds several targets ({', '.join(heads)}); name one "
+                             "with --target")
+        probs = [c for c in probs if c.startswith(f"prob_{target}:")]
+        rows = [r for r in rows if r.get(f"prediction_{target}", "x") != ""]
+        return unit, [r[unit] for r in rows], Task.CLASSIFICATION, [
+            c.split(":", 1)[1] for c in probs], np.array(
+            [[float(r[k]) for k in probs] for r in rows], dtype=np.float64).reshape(
+            len(rows), len(probs))
     if probs:
         task, classes, keys = Task.CLASSIFICATION, [c[5:] for c in probs], probs
     elif "risk" in cols:
@@ -287,7 +300,7 @@ def run_statistics(predictions: list[Path], labels: Path, out: Path, target: str
     results = {}
     names = _names(predictions)
     for path, name in zip(predictions, names, strict=True):
-        unit, ids, task, classes, outputs = read_predictions(path)
+        unit, ids, task, classes, outputs = read_predictions(path, target)
         table = read_labels(labels, None, TargetSpec(task, target, time, event),
                             patient_bags=unit == "patient_id")
         row = {s: i for i, s in enumerate(table.slide_ids)}

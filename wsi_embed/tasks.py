@@ -52,6 +52,19 @@ def discrete_risk(logits: torch.Tensor) -> torch.Tensor:
     return -torch.cumprod(1 - torch.sigmoid(logits), -1).sum(-1, keepdim=True)
 
 
+def segments(groups) -> list[tuple[str, slice, list[str]]]:
+    """A multi-head model's targets: name, its slice of the outputs, its classes."""
+    out, start = [], 0
+    for name, classes in groups:
+        out.append((name, slice(start, start + len(classes)), list(classes)))
+        start += len(classes)
+    return out
+
+
+def is_multi(groups) -> bool:
+    return bool(groups) and len(groups) > 1
+
+
 class Objective:
     """The loss of one model's training run; fitted to its training targets (class weights,
     target scale, time intervals), which never come from validation or test slides."""
@@ -60,7 +73,16 @@ class Objective:
         self.spec = spec
         task = Task(spec.task)
         self.task = task
-        if task == Task.CLASSIFICATION:
+        self.segments = segments(spec.groups) if is_multi(spec.groups) else None
+        if self.segments:  # per target: class weights over the slides that have it
+            self.weights = []
+            for k, (_, _, classes) in enumerate(self.segments):
+                yk = y_train[:, k][y_train[:, k] >= 0].astype(int)
+                counts = np.bincount(yk, minlength=len(classes)).astype(np.float64)
+                self.weights.append(torch.tensor(
+                    max(len(yk), 1) / (len(classes) * np.maximum(counts, 1)),
+                    dtype=torch.float32))
+        elif task == Task.CLASSIFICATION:
             n = len(spec.classes)
             counts = np.bincount(y_train.astype(int), minlength=n).astype(np.float64)
             self.weights = torch.tensor(len(y_train) / (n * np.maximum(counts, 1)),
@@ -86,6 +108,13 @@ class Objective:
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        if self.segments:  # each target's loss over the slides labelled for it
+            losses = [F.cross_entropy(logits[:, s], y[:, k], weight=w.to(logits.device),
+                                      ignore_index=-1)
+                      for k, ((_, s, _), w) in enumerate(zip(self.segments, self.weights,
+                                                             strict=True))
+                      if (y[:, k] >= 0).any()]
+            return torch.stack(losses).sum() if losses else logits.sum() * 0.0
         if self.task == Task.CLASSIFICATION:
             return F.cross_entropy(logits, y, weight=self.weights.to(logits.device))
         if self.task == Task.REGRESSION:
@@ -114,6 +143,10 @@ def outputs(spec, logits: torch.Tensor, temperature, class_bias, target_mean, ta
     a risk (higher = earlier event), or a value in the target's units."""
     logits = logits.float()
     task = Task(spec.task)
+    if is_multi(getattr(spec, "groups", None)):  # a softmax per target
+        z = logits / temperature + class_bias
+        return torch.cat([torch.softmax(z[..., s], -1) for _, s, _ in segments(spec.groups)],
+                         -1)
     if task == Task.CLASSIFICATION:
         return torch.softmax(logits / temperature + class_bias, -1)
     if task == Task.REGRESSION:
@@ -124,7 +157,10 @@ def outputs(spec, logits: torch.Tensor, temperature, class_bias, target_mean, ta
 
 
 # -- predictions tables -------------------------------------------------------------------
-def output_columns(task: Task, classes: list[str]) -> list[str]:
+def output_columns(task: Task, classes: list[str], groups=None) -> list[str]:
+    if is_multi(groups):
+        return [c for name, _, cl in segments(groups)
+                for c in (f"prediction_{name}", *(f"prob_{name}:{k}" for k in cl))]
     if task == Task.CLASSIFICATION:
         return ["prediction", *(f"prob_{c}" for c in classes)]
     if task == Task.SURVIVAL:
@@ -132,20 +168,27 @@ def output_columns(task: Task, classes: list[str]) -> list[str]:
     return ["prediction"]
 
 
-def output_cells(task: Task, classes: list[str], out: np.ndarray, decision: int | None = None
-                 ) -> list[str]:
+def output_cells(task: Task, classes: list[str], out: np.ndarray, decision: int | None = None,
+                 groups=None) -> list[str]:
     """The output columns' values for one unit; `decision` the class (argmax or threshold)."""
+    if is_multi(groups):
+        return [c for _, s, cl in segments(groups)
+                for c in (cl[int(np.argmax(out[s]))], *(f"{p:.6f}" for p in out[s]))]
     if task == Task.CLASSIFICATION:
         pred = int(np.argmax(out)) if decision is None else decision
         return [classes[pred], *(f"{p:.6f}" for p in out)]
     return [f"{float(out[0]):.6g}"]
 
 
-def label_columns(task: Task, names: tuple[str, ...] = ("label",)) -> list[str]:
+def label_columns(task: Task, names: tuple[str, ...] = ("label",), groups=None) -> list[str]:
+    if is_multi(groups):
+        return [f"label_{name}" for name, _ in groups]
     return ["time", "event"] if task == Task.SURVIVAL else list(names)
 
 
-def label_cells(task: Task, classes: list[str], y) -> list[str]:
+def label_cells(task: Task, classes: list[str], y, groups=None) -> list[str]:
+    if is_multi(groups):  # -1: no label for that target
+        return [cl[int(k)] if k >= 0 else "" for (_, cl), k in zip(groups, y, strict=True)]
     if task == Task.CLASSIFICATION:
         return [classes[int(y)]]
     if task == Task.SURVIVAL:
@@ -234,7 +277,15 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def task_metrics(task: Task, y: np.ndarray, out: np.ndarray, n_classes: int,
-                 threshold: float | None = None) -> dict:
+                 threshold: float | None = None, groups=None) -> dict:
+    if is_multi(groups):  # per target on its labelled slides; their mean leads
+        per = {}
+        for k, (name, s, cl) in enumerate(segments(groups)):
+            have = y[:, k] >= 0
+            per[name] = classification_metrics(y[have, k], out[have][:, s], len(cl))
+        keys = SUMMARY_KEYS[Task.CLASSIFICATION]
+        return {k: float(np.nanmean([m[k] for m in per.values()])) for k in keys} | {
+            "n": int(len(y)), "per_target": per}
     if task == Task.CLASSIFICATION:
         return classification_metrics(y, out, n_classes, threshold)
     if task == Task.SURVIVAL:

@@ -41,6 +41,7 @@ from .tasks import (
     n_outputs,
     output_cells,
     output_columns,
+    segments,
     task_metrics,
 )
 
@@ -76,6 +77,7 @@ class TrainConfig:
     bins: int = 4  # intervals of the discrete-time survival loss
     regression_loss: RegressionLoss = RegressionLoss.MSE
     patient_bags: bool = False  # a patient's slides form one bag; patients are predicted
+    multi_head: bool = False  # several --targets: one model with a head per target
     bootstrap: int | None = None  # CI resamples of statistics/ (None: stats.BOOTSTRAP)
 
     def target_spec(self, target: str | None = None) -> TargetSpec:
@@ -240,7 +242,8 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
             ids = [train_ids[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
             x, mask = pad_bags([store.sample(i, cfg.bag_size, rng) for i in ids], device)
             y = objective.targets([label[i] for i in ids], device)
-            out = model(x, mask, y if t.task == Task.CLASSIFICATION else None)
+            single = t.task == Task.CLASSIFICATION and t.groups is None
+            out = model(x, mask, y if single else None)
             loss = objective(out.logits, y)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
@@ -276,7 +279,7 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
         log.warning("%s: the validation loss was still falling at the last epochs (best "
                     "epoch %d of %d, no early stop): raise --epochs", desc, best["epoch"],
                     cfg.epochs)
-    if t.task == Task.CLASSIFICATION:
+    if t.task == Task.CLASSIFICATION and t.groups is None:
         temperature, bias = fit_calibration(_raw_logits(model, store, val_ids, device), y_val)
         model.temperature.fill_(temperature)
         model.class_bias.copy_(bias)
@@ -330,7 +333,7 @@ def fit_members(store: BagStore, split: dict[str, list[str]], t: LabelTable, spe
         members.append(m)
         infos.append(info)
     model = Ensemble(members)
-    if t.task == Task.CLASSIFICATION and len(t.classes) == 2:
+    if t.task == Task.CLASSIFICATION and t.groups is None and len(t.classes) == 2:
         label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
         p = predict_ids(model, store, split["val"], device)
         model.threshold = youden_threshold(np.array([label[s] for s in split["val"]]),
@@ -362,18 +365,19 @@ def _write_json(path: Path, data) -> None:
 
 def write_predictions(path: Path, ids: list[str], y: np.ndarray | None, out: np.ndarray,
                       classes: list[str], extra: dict | None = None,
-                      task: Task = Task.CLASSIFICATION, unit: str = "slide_id") -> None:
+                      task: Task = Task.CLASSIFICATION, unit: str = "slide_id",
+                      groups=None) -> None:
     """One row per slide (or patient): its id, [extra], [its label(s)], the output columns
     of the task (prediction and prob_<class>..., risk, or prediction). Atomic."""
     extra = extra or {}
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow([unit, *extra, *(label_columns(task) if y is not None else []),
-                    *output_columns(task, classes)])
+        w.writerow([unit, *extra, *(label_columns(task, groups=groups) if y is not None
+                                    else []), *output_columns(task, classes, groups)])
         for i, sid in enumerate(ids):
             w.writerow([sid, *(v[i] for v in extra.values()),
-                        *(label_cells(task, classes, y[i]) if y is not None else []),
-                        *output_cells(task, classes, out[i])])
+                        *(label_cells(task, classes, y[i], groups) if y is not None else []),
+                        *output_cells(task, classes, out[i], groups=groups)])
 
 
 def _check_head(cfg: TrainConfig) -> None:
@@ -386,6 +390,9 @@ def _check_head(cfg: TrainConfig) -> None:
     if cfg.task == Task.SURVIVAL and len(cfg.targets) > 1:
         raise TrainError("--targets is for classification and regression; survival takes "
                          "--time and --event")
+    if cfg.multi_head and (cfg.task != Task.CLASSIFICATION or len(cfg.targets) < 2):
+        raise TrainError("--multi-head trains one model for several classification "
+                         "--targets (give two or more)")
 
 
 def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
@@ -405,8 +412,8 @@ def run_train(fs: FeatureSet, labels: Path, cfg: TrainConfig) -> dict:
         final = {"train": ids[tr].tolist(), "val": ids[va].tolist()}
     device = pick_device(cfg.device)
     with model_folder(cfg.out) as work:
-        if len(tables) == 1:
-            (t,) = tables.values()
+        if len(tables) == 1 or cfg.multi_head:
+            t = _multi(tables, union) if cfg.multi_head else union
             return _train_into(work, fs, labels, cfg, t, splits, final, device)
         _write_json(work / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
         results = {}
@@ -439,6 +446,20 @@ def _union(tables: list[LabelTable]) -> LabelTable:
     strata = np.array([info[s][2] for s in ids])
     return LabelTable(ids, strata, [info[s][0] for s in ids], splits, first.classes, strata,
                       first.task)
+
+
+def _multi(tables: dict[str, LabelTable], union: LabelTable) -> LabelTable:
+    """One table for a multi-head model: y (units, targets), -1 where a target is missing."""
+    row = {s: i for i, s in enumerate(union.slide_ids)}
+    y = np.full((len(union.slide_ids), len(tables)), -1, dtype=np.int64)
+    members = {}
+    for k, t in enumerate(tables.values()):
+        for sid, v in zip(t.slide_ids, t.y, strict=True):
+            y[row[sid], k] = v
+        members |= t.members or {}
+    groups = [(name, t.classes) for name, t in tables.items()]
+    return replace(union, y=y, classes=[f"{n}:{c}" for n, cl in groups for c in cl],
+                   groups=groups, members=members or None)
 
 
 def _restrict(split: dict[str, list[str]], t: LabelTable) -> dict[str, list[str]]:
@@ -479,7 +500,7 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
 
     spec = ModelSpec(cfg.head, fs.dim, t.classes, fs.encoder, fs.weights, cfg.dropout,
                      str(cfg.task), cfg.loss, n_outputs(cfg.task, len(t.classes), cfg.loss,
-                                                        cfg.bins))
+                                                        cfg.bins), t.groups)
     metas = {s: fs.metas[s] for s in (t.slide_ids if t.members is None else
                                       [m for ms in t.members.values() for m in ms])}
     store = BagStore(metas, int(cfg.cache_gb * 2**30), t.members)
@@ -507,10 +528,10 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
         pred = predict_ids(model, store, eval_ids, device)
         y = np.array([label[s] for s in eval_ids])
         write_predictions(fold_dir / "predictions.csv", eval_ids, y, pred, t.classes,
-                          task=cfg.task, unit=unit)
+                          task=cfg.task, unit=unit, groups=t.groups)
         oof += [(k, s, y[i], pred[i]) for i, s in enumerate(eval_ids)]
         first = info["members"][0]
-        m = task_metrics(cfg.task, y, pred, len(t.classes), model.threshold) | {
+        m = task_metrics(cfg.task, y, pred, len(t.classes), model.threshold, t.groups) | {
             "fold": k, "evaluated_on": "test" if split["test"] else "val",
             "best_epoch": first["best_epoch"], "stop_reason": first["stop_reason"],
             "still_improving": any(i["still_improving"] for i in info["members"]),
@@ -523,14 +544,25 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
     oof_ids, oof_y = [o[1] for o in oof], np.array([o[2] for o in oof])
     oof_pred = np.stack([o[3] for o in oof])
     write_predictions(out / "oof_predictions.csv", oof_ids, oof_y, oof_pred, t.classes,
-                      {"fold": [o[0] for o in oof]}, cfg.task, unit)
+                      {"fold": [o[0] for o in oof]}, cfg.task, unit, t.groups)
     result = {"folds": per_fold, "summary": summarise(per_fold, cfg.task),
               "classes": t.classes, "task": str(cfg.task),
               "history": [f["history"] for f in fits]}
     patient = dict(zip(t.slide_ids, t.patients, strict=True))
-    result["statistics"] = write_statistics(
-        out / "statistics", cfg.task, oof_y, oof_pred, t.classes,
-        [patient[s] for s in oof_ids], cfg.seed, cfg.bootstrap)
+    patients = np.array([patient[s] for s in oof_ids])
+    if t.groups:  # a multi-head model: per target, on its labelled slides
+        result["per_target"] = {name: summarise([f["per_target"][name] for f in per_fold])
+                                for name, _ in t.groups}
+        result["statistics"] = {
+            name: write_statistics(out / "statistics" / name, cfg.task, oof_y[have, k],
+                                   oof_pred[have][:, s], cl, patients[have].tolist(),
+                                   cfg.seed, cfg.bootstrap)
+            for k, (name, s, cl) in enumerate(segments(t.groups))
+            if (have := oof_y[:, k] >= 0).any()}
+    else:
+        result["statistics"] = write_statistics(
+            out / "statistics", cfg.task, oof_y, oof_pred, t.classes, patients.tolist(),
+            cfg.seed, cfg.bootstrap)
     if final is not None:  # with a fixed split the one fold's model is the model
         model, _ = fit_members(store, final, t, spec, cfg, cfg.seed + len(splits), device,
                                "final")

@@ -29,6 +29,11 @@ HEADS: dict[str, type[nn.Module]] = {
 #: heads meant for slide embeddings (bags of one); the others pool patches
 SLIDE_EMBEDDING_HEADS = ("linear", "mlp")
 
+#: heads whose attention weights are what a classifier's maps show; the others' maps (and
+#: every head's for survival and regression) are per-patch contributions (gradient × input):
+#: TransMIL's last-layer class-token attention ignores its first layer and PPEG's mixing
+ATTENTION_MAPS = ("abmil", "resampler", "clam-sb")
+
 
 def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) -> nn.Module:
     """A head by name, for `in_dim` features and `n_classes` outputs."""
@@ -37,4 +42,5 @@ def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) ->
     return HEADS[name](in_dim, n_classes, dropout=dropout)
 
 
-__all__ = ["HEADS", "SLIDE_EMBEDDING_HEADS", "HeadOutput", "build_head", "masked_softmax"]
+__all__ = ["ATTENTION_MAPS", "HEADS", "SLIDE_EMBEDDING_HEADS", "HeadOutput", "build_head",
+           "masked_softmax"]
