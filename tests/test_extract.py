@@ -84,6 +84,10 @@ def test_real_architecture_on_the_sample_slide(tmp_path):
     assert (tmp_path / "coords" / "CMU-1-Small-Region.h5").exists()  # tiled on the fly
     row = report(tmp_path, "ctranspath")["CMU-1-Small-Region"]
     assert row["status"] == "ok" and float(row["patches_per_s"]) > 0
+    # the run says what it made, and that random weights are for tests
+    assert f"{len(coords)} patches" in r.output and "× 768 float16" in r.output
+    assert str(tmp_path / "features" / "ctranspath") in r.output
+    assert "for testing the pipeline only" in r.output
 
 
 def test_bad_and_empty_slides_do_not_stop_the_batch(tmp_path, means_encoder):

@@ -132,16 +132,22 @@ def test_regression_learns_a_planted_linear_signal(outcomes, tmp_path):
     assert np.mean(up) >= 0.9, np.mean(up)
 
 
-def test_two_targets_on_shared_splits_missing_labels_skip_one_target_only(tmp_path):
-    """`--targets high,second`: two independent planted targets, both learned; slides
-    without `high` still train and test `second`; the splits are shared."""
+def two_targets(tmp_path, missing: str = "NA"):
+    """64 slides with two independent planted targets, `high` missing for every 8th."""
     outcomes = write_outcome_bags(tmp_path / "f", 64, patches=(12, 24), second_fraction=0.3)
     rows = outcomes.rows
     no_high = {r["slide_id"] for r in rows[::8]}
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,high,second\n" + "".join(
-        f"{r['slide_id']},{'NA' if r['slide_id'] in no_high else r['high']},{r['second']}\n"
+        f"{r['slide_id']},{missing if r['slide_id'] in no_high else r['high']},{r['second']}\n"
         for r in rows))
+    return outcomes, rows, no_high, labels
+
+
+def test_two_targets_on_shared_splits_missing_labels_skip_one_target_only(tmp_path):
+    """`--targets high,second`: two independent planted targets, both learned; slides
+    without `high` still train and test `second`; the splits are shared."""
+    outcomes, rows, no_high, labels = two_targets(tmp_path)
     r = cli("train", "--features", outcomes.labels_csv.parent, "--labels", labels, "--out",
             tmp_path / "m", "--targets", "high,second", "--head", "abmil", *FAST)
     assert r.exit_code == 0, r.output
@@ -222,13 +228,7 @@ def test_one_multi_head_model_learns_two_targets(tmp_path):
     """`--targets high,second --multi-head`: one model whose outputs hold both targets;
     a slide without `high` still trains `second`; `classify` and `statistics` give each
     target its own columns and numbers."""
-    outcomes = write_outcome_bags(tmp_path / "f", 64, patches=(12, 24), second_fraction=0.3)
-    rows = outcomes.rows
-    no_high = {r["slide_id"] for r in rows[::8]}
-    labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,high,second\n" + "".join(
-        f"{r['slide_id']},{'' if r['slide_id'] in no_high else r['high']},{r['second']}\n"
-        for r in rows))
+    _, rows, no_high, labels = two_targets(tmp_path, missing="")
     r = cli("train", "--features", tmp_path / "f", "--labels", labels, "--out", tmp_path / "m",
             "--targets", "high,second", "--multi-head", "--head", "abmil", *FAST)
     assert r.exit_code == 0, r.output

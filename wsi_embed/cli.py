@@ -26,7 +26,21 @@ from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Whole-slide images to patch embeddings and slide-level predictions.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"wsi-embed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version,
+                                          is_eager=True, help="Print the version and exit.")
+             ) -> None:
+    """Whole-slide images to patch embeddings and slide-level predictions."""
 log = logging.getLogger("wsi_embed")
 
 LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
@@ -44,6 +58,7 @@ TISSUE = typer.Option("auto", "--tissue", help="auto (detect) or none (whole sli
 TISSUE_MASK = typer.Option(None, "--tissue-mask",
                            help="PNG mask or GeoJSON (level-0 px), or a folder of <slide_id>.*")
 OVERWRITE = typer.Option(False, "--overwrite", help="Redo slides whose outputs exist.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
 SHARD = typer.Option(None, "--shard", help="i/n: process the i-th of n deterministic shares.")
 NUM_WORKERS = typer.Option(min(8, os.cpu_count() or 1), "--num-workers",
                            help="Worker processes (0 = in the main process).")
@@ -55,9 +70,23 @@ SLIDE_TIMEOUT = typer.Option(batch.SLIDE_TIMEOUT, "--slide-timeout",
                                   "is replaced (worker processes only).")
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines printed above progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging never raises
+            self.handleError(record)
+
+
 def _setup_logging(level: str) -> None:
+    handlers = [_TqdmHandler()] if sys.stderr.isatty() else None
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+                        format="%(levelname)s %(name)s: %(message)s", force=True,
+                        handlers=handlers)
 
 
 #: the exit code of a run stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report it)
@@ -103,26 +132,42 @@ def _target_mpp(target_mpp: float | None, magnification: float | None) -> float:
 
 
 @_command
-def info(slide: Path = typer.Argument(..., help="A slide file."),
+def info(slides: list[Path] = typer.Argument(..., help="Slide files or folders."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON."),
          log_level: str = LOG_LEVEL) -> None:
-    """Vendor, size, levels, MPP and objective power of one slide."""
+    """Vendor, size, levels, MPP and objective power of slides."""
+    from .batch import discover
+    from .errors import SlideError
     from .slides import open_slide, slide_info
 
     _setup_logging(log_level)
-    with open_slide(slide) as s:
-        data = slide_info(s)
+    found, failed = [], 0
+    for job in discover(slides):
+        try:
+            with open_slide(job.path) as s:
+                found.append(slide_info(s))
+        except (SlideError, OSError) as e:
+            failed += 1
+            typer.echo(f"{job.path}: cannot be read ({e})", err=True)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
-        return
-    typer.echo(f"{data['path']}\n  vendor: {data['vendor']}\n"
-               f"  size: {data['width']} x {data['height']} px\n"
-               f"  mpp: {data['mpp']} ({data['mpp_source']})\n"
-               f"  objective power: {data['objective_power']} ({data['objective_power_source']})")
-    for i, lv in enumerate(data["levels"]):
-        typer.echo(f"  level {i}: {lv['width']} x {lv['height']}  downsample {lv['downsample']}"
-                   f"  mpp {lv['mpp']}")
-    typer.echo(f"  associated images: {', '.join(data['associated_images']) or 'none'}")
+        typer.echo(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+    for data in [] if as_json else found:
+        typer.echo(f"{data['path']}\n  vendor: {data['vendor']}\n"
+                   f"  size: {data['width']} x {data['height']} px\n"
+                   f"  mpp: {_num(data['mpp'])} ({data['mpp_source'] or 'not in the file'})\n"
+                   f"  objective power: {_num(data['objective_power'])} "
+                   f"({data['objective_power_source'] or 'not in the file'})")
+        for i, lv in enumerate(data["levels"]):
+            typer.echo(f"  level {i}: {lv['width']} x {lv['height']}  downsample "
+                       f"{_num(lv['downsample'])}  mpp {_num(lv['mpp'])}")
+        typer.echo(f"  associated images: {', '.join(data['associated_images']) or 'none'}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _num(x) -> str:
+    """A number as people read it (4 significant digits), or n/a."""
+    return "n/a" if x is None else f"{x:.4g}"
 
 
 def _jobs(slides, slide_list, recursive, ext, shard):
@@ -133,7 +178,8 @@ def _jobs(slides, slide_list, recursive, ext, shard):
 
 
 def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size, overlap,
-                 min_tissue, tissue: str, tissue_mask: Path | None, slide_mpp: float | None):
+                 min_tissue, tissue: str, tissue_mask: Path | None, slide_mpp: float | None,
+                 check_out: bool = True):
     """Validate the tiling options shared by `tile` and `extract`, and the output folder."""
     from .batch import check_writable
     from .slides import mpp_problem
@@ -153,8 +199,15 @@ def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size
                             min_tissue, "mask" if tissue_mask else tissue)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    check_writable(out)
+    if check_out:
+        check_writable(out)
     return params
+
+
+def _workers(n: int) -> int:
+    if n < 0:
+        raise UsageError(f"--num-workers {n}: give 0 (read in the main process) or more")
+    return n
 
 
 def _timeout(seconds: float) -> float:
@@ -188,8 +241,80 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask, slide_mpp)
     _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite,
-                                         max_plain_pixels), num_workers,
+                                         max_plain_pixels), _workers(num_workers),
                         _timeout(slide_timeout)))
+
+
+@_command
+def doctor(encoder: list[str] = typer.Option([], "--encoder",
+                                             help="Check these encoders' weights; repeat."),
+           out: Path = typer.Option(None, "--out", help="Check this output folder."),
+           hub: bool = typer.Option(True, "--hub/--no-hub",
+                                    help="Ask whether the Hugging Face hub answers.")) -> None:
+    """Check the installation before a long run: ✓/✗ per check, with the fix."""
+    from .doctor import run_doctor
+    from .encoders import PRESETS
+
+    unknown = [e for e in encoder if e not in PRESETS]
+    if unknown:
+        raise UsageError(f"unknown --encoder {', '.join(unknown)}; `wsi-embed encoders` lists "
+                         "them")
+    checks = run_doctor(list(encoder), out, hub)
+    for c in checks:
+        typer.echo(c.line())
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@_command
+def plan(slides: list[Path] = typer.Argument(None, help="Slide files or folders."),
+         slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE, ext: str = EXT,
+         encoder: str = typer.Option(None, "--encoder",
+                                     help="For the features' size and device hours."),
+         dtype: FeatureDtype = typer.Option(FeatureDtype.FLOAT32, "--dtype",
+                                            help="The features' dtype (for their size)."),
+         device_kind: str = typer.Option(None, "--device-kind",
+                                         help="The GPU the run will use (e.g. nvidia-h100); "
+                                              "default: this machine's."),
+         target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
+         patch_size: int = PATCH_SIZE, overlap: int = OVERLAP, min_tissue: float = MIN_TISSUE,
+         slide_mpp: float = SLIDE_MPP, tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
+         shard: str = SHARD, max_plain_pixels: int = MAX_PLAIN_PIXELS,
+         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+         log_level: str = typer.Option("WARNING", "--log-level",
+                                       help="INFO lists each slide as it is planned.")
+         ) -> None:
+    """Before a long run: per slide whether it opens, MPP, read level and patch count;
+    totals with features size and device hours (nothing is written)."""
+    from dataclasses import asdict
+
+    from .plan import device_kind as kind_of
+    from .plan import plan_slides, totals
+    from .tiling import TileConfig
+
+    _setup_logging(log_level)
+    dim = None
+    if encoder is not None:
+        from .encoders import PRESETS
+
+        if encoder not in PRESETS:
+            raise UsageError(f"unknown --encoder {encoder!r}; `wsi-embed encoders` lists them")
+        dim = PRESETS[encoder].dim
+    jobs = _jobs(slides, slide_list, recursive, ext, shard)
+    params = _tile_params(Path("."), len(jobs), target_mpp, magnification, patch_size,
+                          overlap, min_tissue, tissue, tissue_mask, slide_mpp, check_out=False)
+    rows = plan_slides(jobs, TileConfig(Path("."), params, slide_mpp, tissue_mask,
+                                        max_plain_pixels=max_plain_pixels))
+    itemsize = 2 if dtype == FeatureDtype.FLOAT16 else 4
+    summary = totals(rows, encoder, dim, itemsize, device_kind or kind_of())
+    if as_json:
+        typer.echo(json.dumps({"slides": [asdict(r) for r in rows], "totals": summary},
+                              indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r.slide_id}\t{r.status}\t{r.n_patches} patches\tlevel {r.read_level}"
+                   f"\t{r.mpp} µm/px ({r.mpp_source})" + (f"\t{r.error}" if r.error else ""))
+    typer.echo("total: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
 
 
 @_command
@@ -254,7 +379,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             slide_timeout: float = SLIDE_TIMEOUT, max_plain_pixels: int = MAX_PLAIN_PIXELS,
             log_level: str = LOG_LEVEL) -> None:
     """Per-patch embeddings with a pathology encoder (tiles slides that have no coords)."""
-    from .devices import parse_devices
+    from .devices import parse_devices, pick_device
     from .encoders import get_config
     from .extract import EXTRACT_COLUMNS, ExtractConfig, run_extract
     from .h5io import remove_stale_tmp
@@ -267,6 +392,9 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
         device_list = parse_devices(devices, device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    for d in device_list or (device,):  # before any slide: no CUDA is one line, not a trace
+        pick_device(d)
+    _workers(num_workers)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
                           min_tissue, tissue, tissue_mask, slide_mpp)
@@ -282,7 +410,21 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     with RunReport(cfg.layout.extract_report(encoder), EXTRACT_COLUMNS,
                    f"extract {encoder}") as report:
         run_extract(jobs, cfg, tile_cfg, coords, report)
+    _say_what_extract_made(report, cfg, get_config(encoder).dim)
     _finish(report)
+
+
+def _say_what_extract_made(report, cfg, dim: int) -> None:
+    """Where the features are and their shape; random weights named for what they are."""
+    patches = sum(int(r.get("n_patches") or 0) for r in report.rows if r.get("status") == "ok")
+    done = sum(r.get("status") == "ok" for r in report.rows)
+    log.info("features: %s/<slide_id>.h5 (%d slide%s this run, %d patches; each file: "
+             "'features' patches × %d %s, 'coords' patches × 2 in level-0 px)",
+             cfg.layout.features_dir(cfg.encoder), done, "" if done == 1 else "s", patches,
+             dim, cfg.dtype)
+    if cfg.weights == "random":
+        log.warning("--weights random: an untrained encoder; these features are for testing "
+                    "the pipeline only, not for analysis")
 
 
 @_command
@@ -343,7 +485,10 @@ def train(features: Path = typer.Option(..., "--features",
           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
           cache_gb: float = typer.Option(8.0, "--cache-gb",
                                          help="RAM for cached bags; the rest stream from disk."),
-          overwrite: bool = OVERWRITE, log_level: str = LOG_LEVEL) -> None:
+          overwrite: bool = typer.Option(False, "--overwrite",
+                                         help="Replace the model folder --out if it holds a "
+                                              "finished model."),
+          log_level: str = LOG_LEVEL) -> None:
     """Train a slide-level head with cross-validation; writes model.pt and metrics."""
     from .bags import scan_features
     from .train import TrainConfig, run_train
@@ -382,7 +527,7 @@ def classify(features: Path = typer.Option(..., "--features",
              threshold: Threshold = typer.Option(Threshold.ARGMAX, "--threshold",
                                                  help="argmax, or val: a binary model's "
                                                       "threshold chosen on validation data."),
-             device: str = typer.Option("auto", "--device"),
+             device: str = DEVICE,
              log_level: str = LOG_LEVEL) -> None:
     """Predict slides with a trained model; per-patch attention, heatmaps, QuPath GeoJSON."""
     from .classify import ClassifyConfig, run_classify
@@ -398,7 +543,7 @@ def deploy(model: list[Path] = typer.Option(..., "--model",
                                                  "their fold models); repeat the option."),
            features: Path = typer.Option(..., "--features",
                                          help="Folder of <slide_id>.h5 features files."),
-           out: Path = OUT, device: str = typer.Option("auto", "--device"),
+           out: Path = OUT, device: str = DEVICE,
            log_level: str = LOG_LEVEL) -> None:
     """Average several models' predictions (an ensemble); per-model predictions too."""
     from .deploy import DeployConfig, run_deploy
@@ -458,9 +603,12 @@ def report(features: Path = typer.Option(..., "--features",
            tokenizer: Path = typer.Option(None, "--tokenizer",
                                           help="Folder with BioGPT's vocab.json and merges.txt "
                                                "(default: the checkpoint's folder)."),
-           prompt: str = typer.Option("Final diagnosis:", "--prompt"),
-           max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-           decoding: DecodingMethod = typer.Option(DecodingMethod.GREEDY, "--decoding"),
+           prompt: str = typer.Option("Final diagnosis:", "--prompt",
+                                      help="The report's first words, continued by the model."),
+           max_new_tokens: int = typer.Option(256, "--max-new-tokens",
+                                              help="The most tokens generated per slide."),
+           decoding: DecodingMethod = typer.Option(DecodingMethod.GREEDY, "--decoding",
+                                                   help="greedy, sample or beam."),
            num_beams: int = typer.Option(4, "--num-beams", help="Beam search's width."),
            top_k: int = typer.Option(40, "--top-k", help="Sampling: the k likeliest tokens."),
            top_p: float = typer.Option(0.95, "--top-p", help="Sampling: nucleus mass."),

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
+
 
 def pick_device(device: str) -> torch.device:
     """'auto' is the first CUDA device when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or "
+                         "cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"--device {device}: this machine has no usable CUDA device "
+                             "(`wsi-embed doctor` says why); use --device cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device}: this machine has {n} CUDA device"
+                             f"{'' if n == 1 else 's'} (cuda:0..cuda:{n - 1})")
+    return dev
 
 
 def parse_devices(spec: str | None, device: str = "auto") -> tuple[str, ...]:

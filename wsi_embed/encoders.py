@@ -667,6 +667,18 @@ def resolve_weights(name: str, weights: str | None,
     return resolve_weights_for(name, cfg.hf_repo, cfg.hf_file, cfg.gated, weights, env)
 
 
+def local_weights(name: str, hf_file: str, env: dict[str, str] | None = None) -> Path | None:
+    """The checkpoint under $WSI_EMBED_WEIGHTS for a preset, if one is there."""
+    env = os.environ if env is None else env
+    folder = env.get("WSI_EMBED_WEIGHTS")
+    if not folder:
+        return None
+    base = Path(folder)
+    candidates = [base / name / f for f in (hf_file, *WEIGHT_FILES)]
+    candidates += [base / f"{name}{ext}" for ext in (".safetensors", ".bin", ".pth", ".pt")]
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def resolve_weights_for(name: str, hf_repo: str, hf_file: str, gated: bool,
                         weights: str | None, env: dict[str, str] | None = None
                         ) -> ResolvedWeights:
@@ -681,13 +693,9 @@ def resolve_weights_for(name: str, hf_repo: str, hf_file: str, gated: bool,
             raise EncoderError(f"--weights {p}: no such file")
         return ResolvedWeights(p, "sha256:" + sha256_file(p), str(p))
     folder = env.get("WSI_EMBED_WEIGHTS")
-    if folder:
-        base = Path(folder)
-        candidates = [base / name / f for f in (hf_file, *WEIGHT_FILES)]
-        candidates += [base / f"{name}{ext}" for ext in (".safetensors", ".bin", ".pth", ".pt")]
-        for c in candidates:
-            if c.is_file():
-                return ResolvedWeights(c, "sha256:" + sha256_file(c), str(c))
+    local = local_weights(name, hf_file, env)
+    if local is not None:
+        return ResolvedWeights(local, "sha256:" + sha256_file(local), str(local))
     if hf_repo:
         try:
             from huggingface_hub import hf_hub_download

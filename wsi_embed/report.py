@@ -111,9 +111,11 @@ class RunReport:
             elif self._patches and time.perf_counter() >= self._next_log:
                 self._next_log = time.perf_counter() + LOG_EVERY
                 secs = time.perf_counter() - self._t0
-                log.info("%s: %d/%d slides, %d/%d patches, %.0f patches/s", self.desc,
+                rate = self._patches_done / secs if secs > 0 else 0.0
+                left = (self._patches - self._patches_done) / rate if rate > 0 else 0.0
+                log.info("%s: %d/%d slides, %d/%d patches, %.1f patches/s, ETA %s", self.desc,
                          self._done(), len(self._expected), self._patches_done, self._patches,
-                         self._patches_done / secs if secs > 0 else 0.0)
+                         rate, clock(left))
 
     def _done(self) -> int:
         return sum(self.counts.values())
@@ -183,8 +185,19 @@ class RunReport:
 
     def summary(self) -> str:
         c = self.counts
-        return (f"{self._done()} slides: {c['ok']} done, {c['skipped']} already done, "
+        n = self._done()
+        return (f"{n} slide{'' if n == 1 else 's'}: {c['ok']} done, {c['skipped']} already done, "
                 f"{c['failed']} failed; report: {self.path} (this run: {self.run_path.name})")
+
+
+def clock(seconds: float) -> str:
+    """12 s, 3 min 05 s, 2 h 07 min: an ETA a person reads at a glance."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 # -- the merged view -------------------------------------------------------------------------
@@ -246,7 +259,7 @@ def status_lines(out: Path) -> list[str]:
         runs = run_reports(out / f"{stem}.csv")
         rows, _ = merge_rows(runs)
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-        lines.append(f"{stem}: {len(rows)} slides: " + ", ".join(
+        lines.append(f"{stem}: {len(rows)} slide{'' if len(rows) == 1 else 's'}: " + ", ".join(
             f"{n} {s}" for s, n in counts.items() if n))
         lines += [f"  {run_state(p):11} {p.name}" for p in runs]
     return lines or [f"no run reports in {out / 'reports'}"]

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from .errors import TrainError
 from .h5io import atomic_file, remove_stale_tmp, tmp_path
 from .heads import HEADS
 from .labels import LabelTable, TargetSpec, read_labels
-from .report import progress_bar
+from .report import clock, progress_bar
 from .slide_model import Ensemble, ModelSpec, SlideModel, bag_logits, predict_bag, save_model
 from .tasks import (
     HEADLINE,
@@ -229,6 +230,7 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     best = {"val_loss": math.inf, "epoch": -1, "state": None}
     history = []
     bar = progress_bar(cfg.epochs, desc, unit="epoch", leave=False)
+    t_start = time.perf_counter()
     stop = f"reached --epochs {cfg.epochs}"
     for epoch in range(cfg.epochs):
         model.train()
@@ -254,8 +256,11 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
         val_loss = float(objective(_raw_logits(model, store, val_ids, device), y_val))
         history.append({"epoch": epoch, "train_loss": total / len(train_ids),
                         "val_loss": val_loss})
-        log.debug("%s epoch %d: train loss %.4f, val loss %.4f", desc, epoch,
-                  total / len(train_ids), val_loss)
+        if bar is None:  # batch logs: a line per epoch (a terminal shows the bar instead)
+            per_epoch = (time.perf_counter() - t_start) / (epoch + 1)
+            log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, best epoch %d; at most "
+                     "%s left", desc, epoch + 1, cfg.epochs, total / len(train_ids), val_loss,
+                     max(best["epoch"], 0) + 1, clock(per_epoch * (cfg.epochs - epoch - 1)))
         if bar is not None:
             bar.set_postfix(train=f"{total / len(train_ids):.3f}", val=f"{val_loss:.3f}")
             bar.update()
