@@ -97,7 +97,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _command(fn):
+def _guarded(fn):
     """A command whose expected errors end it with their one line and their exit code, and
     that a SIGTERM (a scheduler's time limit, `kill`) stops as cleanly as Ctrl-C: outputs in
     progress removed, the reports saying which slides were not done, exit code 130."""
@@ -116,7 +116,12 @@ def _command(fn):
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    return app.command()(run)
+    return run
+
+
+def _command(fn):
+    """A top-level command, guarded."""
+    return app.command()(_guarded(fn))
 
 
 def _target_mpp(target_mpp: float | None, magnification: float | None) -> float:
@@ -243,6 +248,38 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
     _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite,
                                          max_plain_pixels), _workers(num_workers),
                         _timeout(slide_timeout)))
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="Checkpoints on this machine: fetch "
+                                                       "once, then every job reads them.")
+app.add_typer(weights_app, name="weights")
+WEIGHTS_TO = typer.Option(None, "--to", help="Folder (default: $WSI_EMBED_WEIGHTS).")
+
+
+@weights_app.command("fetch")
+@_guarded
+def weights_fetch(names: list[str] = typer.Argument(..., help="Encoder names."),
+                  to: Path = WEIGHTS_TO, log_level: str = LOG_LEVEL) -> None:
+    """Download official checkpoints into DIR/<name>/<file> with a sha256 manifest."""
+    from .weights_store import fetch
+
+    _setup_logging(log_level)
+    fetch(list(names), to)
+
+
+@weights_app.command("list")
+@_guarded
+def weights_list(to: Path = WEIGHTS_TO) -> None:
+    """What the weights folder holds, and whether each file still has its sha256."""
+    from .weights_store import listing
+
+    rows = listing(to)
+    for r in rows:
+        typer.echo(f"{r['name']}\t{r['state']}\t{r['file']}")
+    if not rows:
+        typer.echo("no checkpoints fetched yet (`wsi-embed weights fetch NAME`)")
+    if any(r["state"] != "ok" for r in rows):
+        raise typer.Exit(1)
 
 
 @_command
