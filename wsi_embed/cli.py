@@ -37,10 +37,105 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", callback=_show_version,
-                                          is_eager=True, help="Print the version and exit.")
-             ) -> None:
+def _options(ctx: typer.Context,
+             version: bool = typer.Option(False, "--version", callback=_show_version,
+                                          is_eager=True, help="Print the version and exit."),
+             config: Path = typer.Option(None, "--config",
+                                         help="TOML/YAML file: one section per command; "
+                                              "flags override it.")) -> None:
     """Whole-slide images to patch embeddings and slide-level predictions."""
+    ctx.obj = {"config": None, "default_map": {}}
+    _CONFIG.clear()
+    if config is not None:
+        _CONFIG["path"] = str(config)
+        from .run_config import default_map, read_config_file
+
+        try:
+            dmap = default_map(ctx.command, read_config_file(config), config)
+        except WsiEmbedError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        ctx.default_map = dmap
+        ctx.obj = {"config": str(config), "default_map": dmap}
+
+
+workflow_app = typer.Typer(no_args_is_help=True, help="Cluster runs: SLURM array scripts.")
+app.add_typer(workflow_app, name="workflow")
+
+
+@workflow_app.command("slurm-array",
+                      context_settings={"allow_extra_args": True,
+                                        "ignore_unknown_options": True})
+def workflow_slurm_array(ctx: typer.Context,
+                         shards: int = typer.Option(..., "--shards",
+                                                    help="Array tasks (one share each)."),
+                         script: Path = typer.Option(Path("wsi-embed.sbatch"), "--script",
+                                                     help="Where to write the sbatch script."),
+                         logs: Path = typer.Option(Path("logs"), "--logs",
+                                                   help="Folder for the tasks' logs."),
+                         partition: str = typer.Option(None, "--partition",
+                                                       help="SLURM partition."),
+                         gpus: int = typer.Option(1, "--gpus", help="GPUs per task."),
+                         cpus: int = typer.Option(16, "--cpus", help="CPUs per task."),
+                         mem: str = typer.Option("64G", "--mem", help="Memory per task."),
+                         time: str = typer.Option("24:00:00", "--time",
+                                                  help="Time limit per task.")) -> None:
+    """Write an sbatch array script; what follows `--` is the command each task runs,
+    e.g. `-- extract /data/slides --out /scratch/run --encoder uni_v1`."""
+    from .workflow import slurm_array_script
+
+    command = [a for a in ctx.args if a != "--"]
+    if not command:
+        typer.echo("Error: give the command after --, e.g. -- extract SLIDES --out OUT "
+                   "--encoder NAME", err=True)
+        raise typer.Exit(2)
+    try:
+        text = slurm_array_script(command, shards, logs, partition=partition, gpus=gpus,
+                                  cpus=cpus, mem=mem, time=time, script=script)
+    except WsiEmbedError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    script.write_text(text)
+    script.chmod(0o755)
+    logs.mkdir(parents=True, exist_ok=True)  # SLURM opens the log files before the script runs
+    typer.echo(f"wrote {script}: sbatch {script} (tasks 0-{shards - 1}; logs in {logs}/)")
+
+
+config_app = typer.Typer(no_args_is_help=True,
+                         help="Config files: a template of every option, the resolved view.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("init")
+def config_init(path: Path = typer.Argument(Path("wsi-embed.yaml"),
+                                            help="Where to write the template."),
+                force: bool = typer.Option(False, "--force", help="Replace an existing file.")
+                ) -> None:
+    """Write a commented template of every option of every command, with its default."""
+    from .run_config import template
+
+    if path.exists() and not force:
+        typer.echo(f"Error: {path} exists; use --force to replace it", err=True)
+        raise typer.Exit(2)
+    path.write_text(template(typer.main.get_command(app)) + "\n")
+    typer.echo(f"wrote {path}")
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context,
+                command: str = typer.Argument(None, help="One command's settings only.")
+                ) -> None:
+    """The settings a command will run with: the --config file's, else the defaults."""
+    from .run_config import resolved
+
+    group = typer.main.get_command(app)
+    if command is not None and command not in group.commands:
+        typer.echo(f"Error: unknown command {command!r}", err=True)
+        raise typer.Exit(2)
+    obj = ctx.find_root().obj or {}
+    typer.echo(json.dumps({"config": obj.get("config"),
+                           "settings": resolved(group, obj.get("default_map", {}), command)},
+                          indent=2, default=str))
 log = logging.getLogger("wsi_embed")
 
 LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
@@ -103,20 +198,44 @@ def _guarded(fn):
     progress removed, the reports saying which slides were not done, exit code 130."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        import datetime as dt
+
         previous = signal.signal(signal.SIGTERM, _interrupt)
+        started, code = dt.datetime.now(dt.UTC), 1
+        _LAST_COUNTS.clear()
         try:
-            return fn(*args, **kwargs)
+            fn(*args, **kwargs)
+            code = 0
+        except typer.Exit as e:
+            code = e.exit_code
+            raise
         except WsiEmbedError as e:
             typer.echo(f"Error: {e}", err=True)
+            code = e.exit_code
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
             typer.echo(f"Interrupted ({e.args[0] if e.args else 'SIGINT'}): finished slides "
                        "are kept; rerun the same command to do the rest", err=True)
+            code = INTERRUPTED
             raise typer.Exit(INTERRUPTED) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+            _record(fn.__name__, kwargs, started, code)
 
     return run
+
+
+#: the counts of the run report a command finished with (for its run record)
+_LAST_COUNTS: dict = {}
+#: the --config file of this invocation (for its run record)
+_CONFIG: dict = {}
+
+
+def _record(command: str, options: dict, started, code: int) -> None:
+    from .run_record import write_run_record
+
+    write_run_record(command.replace("_", "-"), options, started, code,
+                     dict(_LAST_COUNTS) or None, _CONFIG.get("path"))
 
 
 def _command(fn):
@@ -223,6 +342,7 @@ def _timeout(seconds: float) -> float:
 
 def _finish(report) -> None:
     """Log the run's summary; exit code 1 when any slide failed."""
+    _LAST_COUNTS.update(report.counts)
     if report.counts["failed"]:
         log.error(report.summary())
         raise typer.Exit(1)
@@ -777,9 +897,10 @@ def main() -> None:
     (SIGSEGV) closing that file as the process ends: the process then ends at once, with
     its exit code, once its logs are flushed."""
     from . import h5io
+    from .run_config import hoist_config
 
     try:
-        app()
+        app(args=hoist_config(sys.argv[1:]))
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -190,6 +190,11 @@ class RunReport:
                 f"{c['failed']} failed; report: {self.path} (this run: {self.run_path.name})")
 
 
+def plural(n: int, word: str) -> str:
+    """'1 slide', '2 slides'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def clock(seconds: float) -> str:
     """12 s, 3 min 05 s, 2 h 07 min: an ETA a person reads at a glance."""
     s = int(round(seconds))

@@ -18,7 +18,7 @@ from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
 from ..errors import describe_error
 from ..layout import coords_in
-from ..report import RunReport, slide_row
+from ..report import RunReport, plural, slide_row
 from ..tiling import TileConfig, TileParams, tile_slides
 from .config import ExtractConfig, Precision
 from .device import DeviceRunner
@@ -86,7 +86,7 @@ def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path |
             p = layout.coords(j.slide_id)
         (have if p.exists() else need).append((j, p))
     if need:
-        log.info("tiling %d slides without coords first", len(need))
+        log.info("tiling %s without coords first", plural(len(need), "slide"))
         tile_report = tile_slides([j for j, _ in need], tile_cfg, num_workers, timeout)
         failed = set()
         for row in tile_report.rows:
@@ -135,8 +135,9 @@ def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
         todo.sort(key=lambda t: -sizes[t[0].slide_id])  # the last to finish is a small one
         _run_devices(todo, devices, cfg, tile_cfg.params, report)
         return
-    log.info("extracting %d slides with %s (%s, %s weights) on %s, batch %d, %d readers",
-             len(todo), cfg.encoder, attrs["precision"], attrs["weights"][:20], first, batch,
+    log.info("extracting %s with %s (%s, %s weights) on %s, batch %d, %d readers",
+             plural(len(todo), "slide"), cfg.encoder, attrs["precision"], attrs["weights"][:20],
+             first, batch,
              cfg.num_workers)
     pipeline(todo, cfg, tile_cfg.params, runner, batch, attrs, report)
 
@@ -183,7 +184,7 @@ def _run_devices(todo: list[tuple[SlideJob, Path]], devices: tuple[str, ...],
     for _ in devices:
         job_q.put(None)
     sub = replace(cfg, num_workers=cfg.num_workers // len(devices))
-    log.info("extracting %d slides on %d devices (%s), %d readers each", len(todo),
+    log.info("extracting %s on %d devices (%s), %d readers each", plural(len(todo), "slide"),
              len(devices), ", ".join(devices), sub.num_workers)
     preset = get_config(cfg.encoder)
     procs = [ctx.Process(target=_device_main,
