@@ -16,7 +16,7 @@ from wsi_embed.tasks import c_index, cox_loss
 from .conftest import cli
 from .test_train import read_csv
 
-FAST = ("--epochs", "12", "--lr", "1e-3", "--batch-size", "16", "--seeds", "1")
+FAST = ("--epochs", "8", "--lr", "1e-3", "--batch-size", "16", "--seeds", "1")
 SURVIVAL = ("--task", "survival", "--time", "time", "--event", "event")
 
 

@@ -243,7 +243,8 @@ def test_missing_and_unlabelled_slides_are_reported_not_fatal(binary, tmp_path):
     text = r.output
     assert "2 labelled slides have no features file" in text and "ghost_a" in text
     assert "4 features files have no label" in text
-    assert json.loads((tmp_path / "o" / "config.json").read_text())["n_slides"] == 16
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["n_slides"] == 16 and config["features"] == str(feats.absolute())
     # an existing model is not overwritten by accident
     r = cli("train", "--features", feats, "--labels", labels, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "--overwrite" in r.output

@@ -512,7 +512,8 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
     label = dict(zip(t.slide_ids, t.y, strict=True))
     unit = "patient_id" if t.members is not None else "slide_id"
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", {**asdict(cfg), "labels": str(labels),
+    features = str(next(iter(metas.values())).path.parent.absolute())
+    _write_json(out / "config.json", {**asdict(cfg), "labels": str(labels), "features": features,
                                       "model": asdict(spec), "n_slides": len(metas),
                                       "n_units": len(t.slide_ids), "unit": unit})
     _write_json(out / "splits.json", {f"fold_{k}": s for k, s in enumerate(splits)})
