@@ -64,9 +64,12 @@ def test_resume_skips_finished_slides_and_overwrite_redoes_them(slide_folder, tm
     assert time.perf_counter() - t0 < 5
     assert {r["status"] for r in rows(out).values()} == {"skipped"}
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "coords").glob("*.h5")}
-    # other settings on the same outputs: refused per slide, nothing overwritten
+    # other settings on the same outputs: one refusal up front with readable values,
+    # nothing overwritten, the report unchanged
     r = cli("tile", slide_folder, "--out", out, "--min-tissue", "0.9", "--num-workers", "0")
-    assert r.exit_code == 1 and "--overwrite" in rows(out)["s0"]["error"]
+    assert r.exit_code == 2 and "--overwrite" in r.output and "np." not in r.output
+    assert "tiling_min_tissue=0.25, this run asks 0.9" in r.output
+    assert {r["status"] for r in rows(out).values()} == {"skipped"}
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "coords").glob("*.h5")}
     assert cli("tile", slide_folder, "--out", out, "--overwrite",
                "--num-workers", "0").exit_code == 0

@@ -115,20 +115,21 @@ def test_bad_and_empty_slides_do_not_stop_the_batch(tmp_path, means_encoder):
 
 def test_coords_at_another_resolution_or_patch_size_are_refused(tmp_path, means_encoder):
     """`tile --target-mpp 1.0` then `extract` at the default 0.5 µm/px must not embed the
-    1.0 µm/px patches as if they were 0.5: the slide fails, naming the file and the fix."""
+    1.0 µm/px patches as if they were 0.5: refused before any work, naming the folder, both
+    values and the fix."""
     slide = small_slide(tmp_path / "s.svs")
     out = tmp_path / "o"
     assert cli("tile", slide, "--out", out, "--target-mpp", "1.0", "--tissue",
                "none").exit_code == 0
     base = ("extract", slide, "--out", out, "--encoder", means_encoder, "--weights", "random",
             "--num-workers", "0")
-    for extra, words in (((), ["tiled at 1 µm/px", "asks for 0.5", "--target-mpp 1"]),
+    for extra, words in (((), ["tiling_target_mpp=1.0, this run asks 0.5",
+                               "pass --target-mpp 1.0"]),
                          (("--target-mpp", "1.0", "--patch-size", "224"),
-                          ["patch_size 256", "--patch-size"])):
+                          ["tiling_patch_size=256", "pass --patch-size 256"])):
         r = cli(*base, *extra)
-        assert r.exit_code == 1, r.output
-        err = report(out, means_encoder)["s"]["error"]
-        assert str(out / "coords" / "s.h5") in err and all(w in err for w in words), err
+        assert r.exit_code == 2, r.output
+        assert str(out / "coords") in r.output and all(w in r.output for w in words), r.output
         assert not (out / "features" / means_encoder / "s.h5").exists()
     r = cli(*base, "--magnification", "10")  # 10x = 1.0 µm/px: the coords are used
     assert r.exit_code == 0, r.output
@@ -263,7 +264,8 @@ def feats_of(out, enc, slide_id):
 def test_coords_dir_shards_refusal_of_other_settings_and_overwrite(tmp_path, means_encoder):
     """--coords DIR (a `tile` output folder or its coords folder) is used as is, nothing is
     tiled again; --shard i/n extracts a deterministic share; features made with other
-    weights or precision are refused per slide (nothing overwritten) until --overwrite."""
+    weights or precision are refused up front in one line (nothing written, no failed rows)
+    until --overwrite."""
     folder, tiled = tiled_slides(tmp_path, 3, 768)
     out = tmp_path / "x"
     fdir = out / "features" / means_encoder
@@ -284,17 +286,16 @@ def test_coords_dir_shards_refusal_of_other_settings_and_overwrite(tmp_path, mea
     weights = tmp_path / "w.pth"  # the channel-mean encoder has no parameters: any file
     torch.save({}, weights)
     r = cli(*base, "--weights", weights, "--coords", tiled)
-    assert r.exit_code == 1
-    for row in report(out, means_encoder).values():
-        assert row["status"] == "failed" and "weights=" in row["error"], row
-        assert "--overwrite" in row["error"] and str(fdir) in row["error"]
+    assert r.exit_code == 2 and "3 of 3 slides already have features" in r.output
+    assert "weights='random'" in r.output and "--overwrite" in r.output and str(fdir) in r.output
+    assert {row["status"] for row in report(out, means_encoder).values()} == {"ok"}
     with h5py.File(fdir / "k1.h5", "r+") as f:  # as if made on a GPU in bf16
         f.attrs["precision"] = "bf16"
     mtimes["k1.h5"] = (fdir / "k1.h5").stat().st_mtime_ns
     r = cli(*base, "--weights", "random", "--coords", tiled)
-    rows = report(out, means_encoder)
-    assert r.exit_code == 1 and rows["k0"]["status"] == "skipped"
-    assert rows["k1"]["status"] == "failed" and "precision='bf16'" in rows["k1"]["error"]
+    assert r.exit_code == 2 and "1 of 3 slides" in r.output and "precision='bf16'" in r.output
+    r = cli(*base, "--weights", "random", "--coords", tiled, "--dtype", "float16")
+    assert r.exit_code == 2 and "feature_dtype='float32', this run asks 'float16'" in r.output
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in fdir.glob("*.h5")}
 
     r = cli(*base, "--weights", weights, "--coords", tiled, "--overwrite")
@@ -331,7 +332,8 @@ def test_progress_counts_patches_over_all_slides(tmp_path, means_encoder, monkey
     monkeypatch.setattr(run_report, "progress_bar", Bar)
     base = ("extract", folder, "--out", out, "--encoder", means_encoder, "--weights",
             "random", "--num-workers", "0", "--batch-size", "4")
-    assert cli(*base).exit_code == 0
+    r = cli(*base)
+    assert r.exit_code == 0, r.output
     bar = bars[-1]  # counted in slides until the patches to read are known
     assert (bar.unit, bar.total, bar.done, bar.postfix) == ("patch", 18, 18, "slides 2/2")
     monkeypatch.undo()

@@ -270,10 +270,34 @@ def check_output(path: Path, schema: str, expect: dict | None = None) -> str | N
                 if isinstance(have, bytes):
                     have = have.decode()
                 if not _same(have, v):
-                    return f"made with {k}={have!r}, this run asks {v!r}"
+                    return f"made with {k}={_readable(have)}, this run asks {_readable(v)}"
     except OSError as e:
         return f"unreadable ({e})"
     return None
+
+
+def _readable(v) -> str:
+    """256, 'fp32', 0.5: numpy scalars as the plain values a person typed."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return repr(v)
+
+
+def settings_conflict(path_of, ids: list[str], schema: str, expect: dict
+                      ) -> tuple[int, Path, str] | None:
+    """Among the existing outputs `path_of(id)`, those made with other settings: (how many,
+    the first, why); None when every existing one matches. An id whose path cannot be had
+    (outside --out, a bad id) is left to its own slide's row."""
+    found = []
+    for i in ids:
+        try:
+            p = path_of(i)
+        except Exception:  # noqa: BLE001 - that slide fails on its own, with its reason
+            continue
+        why = check_output(p, schema, expect) if p.exists() else None
+        if why and why.startswith("made with"):
+            found.append((p, why))
+    return (len(found), *found[0]) if found else None
 
 
 def _same(a, b) -> bool:

@@ -167,6 +167,9 @@ class RunReport:
                               "error": f"the run was stopped ({stopped_by}) before this "
                                        "slide was done; rerun to resume"})
         self._fh.close()
+        if not self.rows and not self._expected:  # refused before any slide: no run to show
+            self.run_path.unlink(missing_ok=True)
+            return
         final = self.run_path.name[: -len(RUNNING)] + (INTERRUPTED if stopped_by else ".csv")
         os.replace(self.run_path, self.run_path.with_name(final))
         self.run_path = self.run_path.with_name(final)

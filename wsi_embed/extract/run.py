@@ -13,17 +13,18 @@ from pathlib import Path
 import h5py
 import torch
 
+from .. import h5io
 from ..batch import SlideJob, exit_with_parent
 from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
-from ..errors import describe_error
+from ..errors import UsageError, describe_error
 from ..layout import coords_in
 from ..report import RunReport, plural, slide_row
 from ..tiling import TileConfig, TileParams, tile_slides
 from .config import ExtractConfig, Precision
 from .device import DeviceRunner
 from .pipeline import pipeline
-from .writer import resume_status
+from .writer import PROVENANCE, resume_status
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,40 @@ def advise_resolution(ecfg: EncoderConfig, encoder: str, target_mpp: float) -> N
                     target_mpp, ecfg.target_mpp)
 
 
+def refuse_settings_conflicts(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
+                              coords_dir: Path | None, attrs: dict) -> None:
+    """Outputs already in --out made with other settings: one refusal before any work
+    (naming the setting, both values and the fix), not a failed row per slide."""
+    layout = cfg.layout
+    n = len(jobs)
+    # existing coords are used as they are, at this run's patch size and resolution
+    tiling = {k: v for k, v in tile_cfg.params.root_attrs().items()
+              if k in ("tiling_patch_size", "tiling_target_mpp")}
+
+    def coords_of(sid: str) -> Path:
+        found = coords_in(coords_dir, sid) if coords_dir else None
+        return found if found is not None and found.exists() else layout.coords(sid)
+
+    clash = h5io.settings_conflict(coords_of, [j.slide_id for j in jobs], h5io.COORDS_SCHEMA,
+                                   tiling)
+    if clash:
+        k, path, why = clash
+        option = "--target-mpp" if "tiling_target_mpp" in why else "--patch-size"
+        was = why.split("=", 1)[1].split(",", 1)[0]
+        raise UsageError(f"{k} of {n} slides already have coords in {path.parent} {why} "
+                         f"(e.g. {path.name}): pass {option} {was} to use them, re-tile with "
+                         "`wsi-embed tile ... --overwrite`, or choose another --out")
+    if not cfg.overwrite:
+        clash = h5io.settings_conflict(
+            lambda sid: layout.features(cfg.encoder, sid), [j.slide_id for j in jobs],
+            h5io.FEATURES_SCHEMA, {k: attrs[k] for k in PROVENANCE})
+        if clash:
+            k, path, why = clash
+            raise UsageError(f"{k} of {n} slides already have features in {path.parent} "
+                             f"{why} (e.g. {path.name}); pass --overwrite to redo them, or "
+                             "choose another --out")
+
+
 def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path | None,
                   report: RunReport, num_workers: int, timeout: float | None = None,
                   ) -> list[tuple[SlideJob, Path]]:
@@ -108,11 +143,12 @@ def _n_patches(coords_file: Path) -> int:
 def run_extract(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg: TileConfig,
                 coords_dir: Path | None, report: RunReport) -> None:
     """Features of every slide in `jobs` into `cfg.out`; every slide gets a row in `report`."""
-    report.expect([j.slide_id for j in jobs])
     devices = cfg.devices or (str(pick_device(cfg.device)),)
     first = torch.device(devices[0])
     runner, attrs, batch = encoder_setup(cfg, first, run=len(devices) == 1)
     advise_resolution(get_config(cfg.encoder), cfg.encoder, tile_cfg.params.target_mpp)
+    refuse_settings_conflicts(jobs, cfg, tile_cfg, coords_dir, attrs)  # before any row
+    report.expect([j.slide_id for j in jobs])
     todo: list[tuple[SlideJob, Path]] = []
     for job, coords_file in ensure_coords(jobs, tile_cfg, coords_dir, report,
                                           cfg.num_workers, cfg.slide_timeout):

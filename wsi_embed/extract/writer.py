@@ -48,7 +48,7 @@ class SlideOutput:
 #: output, None); None ends the thread
 
 #: the attrs of a features file that must match this run's for it to count as done
-PROVENANCE = ("encoder", "weights", "precision")
+PROVENANCE = ("encoder", "weights", "precision", "feature_dtype")
 
 
 def resume_status(path, attrs: dict, overwrite: bool) -> str | None:
