@@ -10,7 +10,7 @@ import pytest
 from wsi_embed.h5io import COORDS_SCHEMA, check_output
 from wsi_embed.tiling import box_fractions, grid_coords
 
-from .conftest import CMU, KIDNEY, NDPI, TCGA, cli, small_slide
+from .conftest import CMU, DICOM, KIDNEY, NDPI, TCGA, cli, last_run, small_slide
 
 
 def report(out):
@@ -157,3 +157,17 @@ def test_slide_with_no_tissue_gives_empty_coords_and_a_warning(tmp_path):
     assert coords.shape == (0, 2)
     assert "no tissue" in report(tmp_path / "o")["blank"]["warning"]
     assert check_output(tmp_path / "o" / "coords" / "blank.h5", COORDS_SCHEMA) is None
+
+
+def test_slides_without_patches_say_why_and_are_counted_apart(tmp_path):
+    """The bone-marrow DICOM (mostly classed as pen ink) and the kidney IHC fragment give no
+    patches: each row's warning names the cause and the fixes; the summary counts them."""
+    r = cli("tile", DICOM, KIDNEY, "--out", tmp_path / "o", "--num-workers", "0",
+            "--slide-mpp", "0.5")
+    assert r.exit_code == 0, r.output
+    rows = last_run(tmp_path / "o" / "tile_report.csv")
+    marrow, kidney = rows[DICOM.stem], rows[KIDNEY.stem]
+    assert marrow["n_patches"] == "0" and "pen-ink filter removed" in marrow["warning"]
+    for row in (marrow, kidney):
+        assert "no tissue patches" in row["warning"] and "--tissue none" in row["warning"]
+    assert "2 with no patches" in r.output

@@ -189,8 +189,12 @@ class RunReport:
     def summary(self) -> str:
         c = self.counts
         n = self._done()
-        return (f"{n} slide{'' if n == 1 else 's'}: {c['ok']} done, {c['skipped']} already done, "
-                f"{c['failed']} failed; report: {self.path} (this run: {self.run_path.name})")
+        empty = sum(1 for r in self.rows
+                    if r.get("status") == "ok" and str(r.get("n_patches", "")) == "0")
+        return (f"{n} slide{'' if n == 1 else 's'}: {c['ok']} done"
+                + (f" ({empty} with no patches: see their warnings)" if empty else "")
+                + f", {c['skipped']} already done, {c['failed']} failed; report: {self.path} "
+                f"(this run: {self.run_path.name})")
 
 
 def plural(n: int, word: str) -> str:

@@ -240,7 +240,9 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
             held.release()
         warning = res.mask.warning
         if len(res.coords) == 0:
-            warning = (warning + "; " if warning else "") + "no tissue patches: empty coords file"
+            warning = (warning + "; " if warning else "") + (
+                "no tissue patches: empty coords file; if the slide has tissue, check its "
+                "thumbnail and use --tissue none, a --tissue-mask, or a lower --min-tissue")
         return slide_row(job, "ok", t0, n_patches=len(res.coords),
                          tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
                          level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,

@@ -19,6 +19,9 @@ from .slides import SlideError
 DARK_BACKGROUND_V = 60
 #: Warn when detected tissue covers nearly the whole slide: usually a detection failure.
 WHOLE_SLIDE_WARNING = 0.95
+#: share of the tissue-coloured area classed as pen ink above which a slide is flagged: ink
+#: rarely covers most of a section, but brown DAB or blue stains can look like it
+PEN_WARNING = 0.5
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,11 @@ def detect_tissue(rgb: np.ndarray, downsample: float, level0_mpp: float,
         bg_v = float(np.percentile(val, 95))
         raw = (sat > _threshold(sat, floor=8)) | (val < bg_v - 40)
         pen = _pen(rgb, k, px_um, p) if p.pen_filter else np.zeros(raw.shape, bool)
+        inked = float((raw & pen).sum()) / max(float(raw.sum()), 1.0)
+        if inked > PEN_WARNING:
+            warning = (f"the pen-ink filter removed {inked:.0%} of the tissue-coloured area: if "
+                       "the slide has no ink (IHC, special stains), check the thumbnail and "
+                       "use --tissue none or a --tissue-mask")
         raw &= ~pen
     tissue = _clean(raw, px_um, p) & ~pen
     if tissue.mean() > WHOLE_SLIDE_WARNING:
