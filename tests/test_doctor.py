@@ -15,8 +15,10 @@ def test_doctor_finds_local_weights_and_names_the_fix_for_missing_ones(tmp_path,
     (weights / "kaiko_vits16" / "model.safetensors").write_bytes(b"x")
     monkeypatch.setenv("WSI_EMBED_WEIGHTS", str(weights))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "out").mkdir()
     r = cli("doctor", "--encoder", "kaiko_vits16", "--out", tmp_path / "out", "--no-hub")
     assert r.exit_code == 0, r.output
+    assert not any((tmp_path / "out").iterdir())  # it looks, it writes nothing there
     lines = r.output.splitlines()
     assert any(line.startswith("✓ weights kaiko_vits16") and "model.safetensors" in line
                for line in lines), r.output

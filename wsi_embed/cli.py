@@ -231,9 +231,15 @@ _LAST_COUNTS: dict = {}
 _CONFIG: dict = {}
 
 
+#: commands that only look at a folder: they leave no record in it
+_READ_ONLY = {"status", "doctor"}
+
+
 def _record(command: str, options: dict, started, code: int) -> None:
     from .run_record import write_run_record
 
+    if command in _READ_ONLY:
+        return
     write_run_record(command.replace("_", "-"), options, started, code,
                      dict(_LAST_COUNTS) or None, _CONFIG.get("path"))
 
