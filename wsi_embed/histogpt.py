@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -262,10 +262,6 @@ def read_configs(folder: Path, base: HistoGPTConfig) -> HistoGPTConfig:
 def heads_for(hidden: int) -> int:
     """BioGPT's head count for its width: 16 (1024, BioGPT), 25 (1600, BioGPT-Large)."""
     return {1024: 16, 1600: 25}.get(hidden, 0)
-
-
-def describe(config: HistoGPTConfig) -> dict:
-    return asdict(config)
 
 
 # -- generation ---------------------------------------------------------------------------
