@@ -75,7 +75,7 @@ def check_codecs() -> Iterator[Check]:
 
 
 def check_weights(names: list[str], env: dict[str, str] | None = None) -> Iterator[Check]:
-    from .encoders import get_config, local_weights
+    from .encoders import gated_advice, get_config, local_weights
 
     env = os.environ if env is None else env
     for name in names:
@@ -95,8 +95,8 @@ def check_weights(names: list[str], env: dict[str, str] | None = None) -> Iterat
                     f"{where}" if where else "not on this machine",
                     f"download {cfg.hf_file} from "
                     f"{'https://huggingface.co/' + cfg.hf_repo if cfg.hf_repo else 'its source'}"
-                    f"{' (gated: accept its licence, set HF_TOKEN)' if cfg.gated else ''} to "
-                    f"$WSI_EMBED_WEIGHTS/{name}/{cfg.hf_file}")
+                    f" to $WSI_EMBED_WEIGHTS/{name}/{cfg.hf_file}"
+                    + (f" ({gated_advice(cfg.hf_repo)})" if cfg.gated else ""))
 
 
 def check_hub(need_token: bool, timeout: float = 3.0) -> Iterator[Check]:

@@ -679,6 +679,21 @@ def local_weights(name: str, hf_file: str, env: dict[str, str] | None = None) ->
     return next((c for c in candidates if c.is_file()), None)
 
 
+def hub_download(repo: str, file: str) -> tuple[Path | None, str]:
+    """The file from the Hugging Face hub (its cache), or None and why not."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, file)), ""
+    except Exception as e:  # offline, gated, no token: all end in the same advice
+        return None, " ".join(str(e).split())[:300]
+
+
+def gated_advice(repo: str) -> str:
+    return (f"It is gated: accept its licence on https://huggingface.co/{repo} and log in "
+            "(HF_TOKEN) first.")
+
+
 def resolve_weights_for(name: str, hf_repo: str, hf_file: str, gated: bool,
                         weights: str | None, env: dict[str, str] | None = None
                         ) -> ResolvedWeights:
@@ -697,17 +712,12 @@ def resolve_weights_for(name: str, hf_repo: str, hf_file: str, gated: bool,
     if local is not None:
         return ResolvedWeights(local, "sha256:" + sha256_file(local), str(local))
     if hf_repo:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            p = Path(hf_hub_download(hf_repo, hf_file))
+        p, reason = hub_download(hf_repo, hf_file)
+        if p is not None:
             return ResolvedWeights(p, "sha256:" + sha256_file(p), f"hf:{hf_repo}")
-        except Exception as e:  # offline, gated, no token: all end in the same advice
-            reason = " ".join(str(e).split())[:300]
     else:
         reason = "no hub repository known for this preset"
-    gate = (f" It is gated: accept its licence on https://huggingface.co/{hf_repo} and "
-            "log in (HF_TOKEN) first." if gated and hf_repo else "")
+    gate = f" {gated_advice(hf_repo)}" if gated and hf_repo else ""
     raise EncoderError(
         f"no weights for encoder {name!r}: tried --weights, $WSI_EMBED_WEIGHTS"
         f"{' (' + folder + ')' if folder else ' (unset)'} and the Hugging Face hub "

@@ -283,11 +283,17 @@ def _readable(v) -> str:
     return repr(v)
 
 
-def settings_conflict(path_of, ids: list[str], schema: str, expect: dict
-                      ) -> tuple[int, Path, str] | None:
-    """Among the existing outputs `path_of(id)`, those made with other settings: (how many,
-    the first, why); None when every existing one matches. An id whose path cannot be had
-    (outside --out, a bad id) is left to its own slide's row."""
+REDO = "pass --overwrite to redo them, or choose another --out"
+
+
+def refuse_settings_conflict(path_of, ids: list[str], schema: str, expect: dict, what: str,
+                             fix=lambda why: REDO) -> None:
+    """One refusal before any work when existing outputs `path_of(id)` were made with other
+    settings (naming how many, the setting, both values and `fix(why)`), rather than a failed
+    row per slide. An id whose path cannot be had (outside --out, a bad id) is left to its
+    own slide's row."""
+    from .errors import UsageError
+
     found = []
     for i in ids:
         try:
@@ -297,7 +303,10 @@ def settings_conflict(path_of, ids: list[str], schema: str, expect: dict
         why = check_output(p, schema, expect) if p.exists() else None
         if why and why.startswith("made with"):
             found.append((p, why))
-    return (len(found), *found[0]) if found else None
+    if found:
+        path, why = found[0]
+        raise UsageError(f"{len(found)} of {len(ids)} slides already have {what} in "
+                         f"{path.parent} {why} (e.g. {path.name}); {fix(why)}")
 
 
 def _same(a, b) -> bool:

@@ -260,8 +260,9 @@ def read_configs(folder: Path, base: HistoGPTConfig) -> HistoGPTConfig:
 
 
 def heads_for(hidden: int) -> int:
-    """BioGPT's head count for its width: 16 (1024, BioGPT), 25 (1600, BioGPT-Large)."""
-    return {1024: 16, 1600: 25}.get(hidden, 0)
+    """The head count of the published size with this width (BioGPT 1024 → 16, BioGPT-Large
+    1600 → 25); 0 when none has it."""
+    return next((c.num_attention_heads for c in SIZES.values() if c.hidden_size == hidden), 0)
 
 
 # -- generation ---------------------------------------------------------------------------

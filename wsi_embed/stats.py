@@ -268,13 +268,9 @@ def read_predictions(path: Path, target: str = "label"
         if target not in heads:
             raise UsageError(f"{path} holds several targets ({', '.join(heads)}); name one "
                              "with --target")
-        probs = [c for c in probs if c.startswith(f"prob_{target}:")]
-        rows = [r for r in rows if r.get(f"prediction_{target}", "x") != ""]
-        return unit, [r[unit] for r in rows], Task.CLASSIFICATION, [
-            c.split(":", 1)[1] for c in probs], np.array(
-            [[float(r[k]) for k in probs] for r in rows], dtype=np.float64).reshape(
-            len(rows), len(probs))
-    if probs:
+        keys = [c for c in probs if c.startswith(f"prob_{target}:")]
+        task, classes = Task.CLASSIFICATION, [c.split(":", 1)[1] for c in keys]
+    elif probs:
         task, classes, keys = Task.CLASSIFICATION, [c[5:] for c in probs], probs
     elif "risk" in cols:
         task, classes, keys = Task.SURVIVAL, ["risk"], ["risk"]

@@ -69,7 +69,7 @@ class Objective:
     """The loss of one model's training run; fitted to its training targets (class weights,
     target scale, time intervals), which never come from validation or test slides."""
 
-    def __init__(self, spec, y_train: np.ndarray, model=None):
+    def __init__(self, spec, y_train: np.ndarray):
         self.spec = spec
         task = Task(spec.task)
         self.task = task
@@ -88,12 +88,8 @@ class Objective:
             self.weights = torch.tensor(len(y_train) / (n * np.maximum(counts, 1)),
                                         dtype=torch.float32)
         elif task == Task.REGRESSION:
-            mean, std = float(np.mean(y_train)), float(np.std(y_train)) or 1.0
-            if model is not None:
-                for m in getattr(model, "members", [model]):
-                    m.target_mean.fill_(mean)
-                    m.target_std.fill_(std)
-            self.mean, self.std = mean, std
+            self.mean = float(np.mean(y_train))
+            self.std = float(np.std(y_train)) or 1.0
         elif spec.loss == SurvivalLoss.NLL:
             times = y_train[y_train[:, 1] > 0, 0]
             k = spec.n_out
@@ -180,10 +176,10 @@ def output_cells(task: Task, classes: list[str], out: np.ndarray, decision: int 
     return [f"{float(out[0]):.6g}"]
 
 
-def label_columns(task: Task, names: tuple[str, ...] = ("label",), groups=None) -> list[str]:
+def label_columns(task: Task, groups=None) -> list[str]:
     if is_multi(groups):
         return [f"label_{name}" for name, _ in groups]
-    return ["time", "event"] if task == Task.SURVIVAL else list(names)
+    return ["time", "event"] if task == Task.SURVIVAL else ["label"]
 
 
 def label_cells(task: Task, classes: list[str], y, groups=None) -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np
 from . import h5io
 from .batch import SLIDE_TIMEOUT, SlideJob, run_batch
 from .claims import claim
-from .errors import SlideError, UsageError, describe_error, one_line
+from .errors import SlideError, describe_error, one_line
 from .layout import OutputLayout
 from .report import RunReport, slide_row
 from .slides import MAX_PLAIN_PIXELS, PatchGeometry, Slide, open_slide, read_thumbnail
@@ -259,13 +259,9 @@ def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int,
     """Tile `jobs` into cfg.out (coords, thumbnails, tile_report.csv): the `tile` command's
     work, also run by `extract` for slides that have no coords yet."""
     layout = cfg.layout
-    clash = None if cfg.overwrite else h5io.settings_conflict(
-        layout.coords, [j.slide_id for j in jobs], h5io.COORDS_SCHEMA, cfg.params.root_attrs())
-    if clash:  # one refusal up front, not one failed row per slide
-        n, path, why = clash
-        raise UsageError(f"{n} of {len(jobs)} slides already have coords in {path.parent} "
-                         f"{why} (e.g. {path.name}); pass --overwrite to redo them, or choose "
-                         "another --out")
+    if not cfg.overwrite:
+        h5io.refuse_settings_conflict(layout.coords, [j.slide_id for j in jobs],
+                                      h5io.COORDS_SCHEMA, cfg.params.root_attrs(), "coords")
     for folder in (layout.coords_dir, layout.thumbnails_dir):
         h5io.remove_stale_tmp(folder)
     with RunReport(layout.tile_report, TILE_COLUMNS, "tile") as report:

@@ -222,7 +222,10 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     rng = np.random.default_rng(seed)
     mean, std = feature_stats(store, train_ids)
     model = SlideModel(spec, mean, std).to(device)
-    objective = Objective(spec, np.array([label[s] for s in train_ids]), model)
+    objective = Objective(spec, np.array([label[s] for s in train_ids]))
+    if t.task == Task.REGRESSION:  # the head predicts standardised values; the model reports
+        model.target_mean.fill_(objective.mean)  # them in the target's units
+        model.target_std.fill_(objective.std)
     y_val = objective.targets([label[s] for s in val_ids], "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(train_ids) / cfg.batch_size)
@@ -347,12 +350,6 @@ def fit_members(store: BagStore, split: dict[str, list[str]], t: LabelTable, spe
 
 
 # -- metrics and outputs ------------------------------------------------------------------
-def metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
-            threshold: float | None = None) -> dict[str, float]:
-    """Classification metrics (kept here for callers of train's API)."""
-    return task_metrics(Task.CLASSIFICATION, y, probs, n_classes, threshold)
-
-
 def summarise(per_fold: list[dict], task: Task = Task.CLASSIFICATION
               ) -> dict[str, dict[str, float]]:
     out = {}

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .encoders import PRESETS, sha256_file
+from .encoders import PRESETS, gated_advice, hub_download, sha256_file
 from .errors import UsageError
 from .h5io import atomic_file
 
@@ -62,15 +62,10 @@ def fetch(names: list[str], to: Path | None) -> dict:
         if dest.is_file() and entry and entry.get("sha256") == sha256_file(dest):
             log.info("%s: already at %s", name, dest)
             continue
-        try:
-            from huggingface_hub import hf_hub_download
-
-            src = Path(hf_hub_download(repo, file))
-        except Exception as e:  # noqa: BLE001 - offline, gated, no token
-            gate = (" (gated: accept its licence on the hub and set HF_TOKEN)" if gated
-                    else "")
-            raise UsageError(f"{name}: cannot download {file} from {repo}{gate}: "
-                             f"{' '.join(str(e).split())[:200]}") from None
+        src, reason = hub_download(repo, file)
+        if src is None:
+            raise UsageError(f"{name}: cannot download {file} from {repo} ({reason}). "
+                             + (gated_advice(repo) if gated else ""))
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(dest, dest.suffix) as tmp:
             shutil.copyfile(src, tmp)

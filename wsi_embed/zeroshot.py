@@ -170,7 +170,7 @@ def _write_metrics(cfg: ZeroShotConfig, fs: FeatureSet, names: list[str],
                    probs_by_slide: dict[str, np.ndarray]) -> None:
     """The same metrics as `train` on the slides whose label is one of the classes."""
     from .labels import read_labels
-    from .train import metrics
+    from .tasks import classification_metrics
 
     table = read_labels(cfg.labels, fs)
     index = {n: i for i, n in enumerate(names)}
@@ -187,7 +187,7 @@ def _write_metrics(cfg: ZeroShotConfig, fs: FeatureSet, names: list[str],
     if not rows:
         log.warning("no labelled slide was predicted: no metrics")
         return
-    result = metrics(np.array(y), np.stack(rows), len(names))
+    result = classification_metrics(np.array(y), np.stack(rows), len(names))
     with atomic_file(cfg.out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     log.info("zero-shot on %d labelled slides: AUC %.3f, balanced accuracy %.3f", result["n"],

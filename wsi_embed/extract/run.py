@@ -17,7 +17,7 @@ from .. import h5io
 from ..batch import SlideJob, exit_with_parent
 from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
-from ..errors import UsageError, describe_error
+from ..errors import describe_error
 from ..layout import coords_in
 from ..report import RunReport, plural, slide_row
 from ..tiling import TileConfig, TileParams, tile_slides
@@ -79,7 +79,6 @@ def refuse_settings_conflicts(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg
     """Outputs already in --out made with other settings: one refusal before any work
     (naming the setting, both values and the fix), not a failed row per slide."""
     layout = cfg.layout
-    n = len(jobs)
     # existing coords are used as they are, at this run's patch size and resolution
     tiling = {k: v for k, v in tile_cfg.params.root_attrs().items()
               if k in ("tiling_patch_size", "tiling_target_mpp")}
@@ -88,24 +87,19 @@ def refuse_settings_conflicts(jobs: list[SlideJob], cfg: ExtractConfig, tile_cfg
         found = coords_in(coords_dir, sid) if coords_dir else None
         return found if found is not None and found.exists() else layout.coords(sid)
 
-    clash = h5io.settings_conflict(coords_of, [j.slide_id for j in jobs], h5io.COORDS_SCHEMA,
-                                   tiling)
-    if clash:
-        k, path, why = clash
+    def use_them(why: str) -> str:
         option = "--target-mpp" if "tiling_target_mpp" in why else "--patch-size"
         was = why.split("=", 1)[1].split(",", 1)[0]
-        raise UsageError(f"{k} of {n} slides already have coords in {path.parent} {why} "
-                         f"(e.g. {path.name}): pass {option} {was} to use them, re-tile with "
-                         "`wsi-embed tile ... --overwrite`, or choose another --out")
+        return (f"pass {option} {was} to use them, re-tile with `wsi-embed tile ... "
+                "--overwrite`, or choose another --out")
+
+    ids = [j.slide_id for j in jobs]
+    h5io.refuse_settings_conflict(coords_of, ids, h5io.COORDS_SCHEMA, tiling, "coords",
+                                  use_them)
     if not cfg.overwrite:
-        clash = h5io.settings_conflict(
-            lambda sid: layout.features(cfg.encoder, sid), [j.slide_id for j in jobs],
-            h5io.FEATURES_SCHEMA, {k: attrs[k] for k in PROVENANCE})
-        if clash:
-            k, path, why = clash
-            raise UsageError(f"{k} of {n} slides already have features in {path.parent} "
-                             f"{why} (e.g. {path.name}); pass --overwrite to redo them, or "
-                             "choose another --out")
+        h5io.refuse_settings_conflict(lambda sid: layout.features(cfg.encoder, sid), ids,
+                                      h5io.FEATURES_SCHEMA, {k: attrs[k] for k in PROVENANCE},
+                                      "features")
 
 
 def ensure_coords(jobs: list[SlideJob], tile_cfg: TileConfig, coords_dir: Path | None,
