@@ -10,6 +10,7 @@ import csv
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -235,7 +236,7 @@ def _run_pool(jobs: list[SlideJob], fn, num_workers: int, record,
 
 
 def _init_worker(level: int, parent: int) -> None:
-    exit_with_parent(parent)
+    become_worker(parent)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -243,13 +244,17 @@ def _init_worker(level: int, parent: int) -> None:
 PARENT_POLL = 0.5
 
 
-def exit_with_parent(parent: int) -> None:
+def become_worker(parent: int) -> None:
     """In a worker process (tile workers, readers, device processes) started by process
-    `parent`: end it as soon as that parent is gone. A main process killed with SIGKILL runs
-    no cleanup, and its workers would otherwise live on (holding memory and shared-memory
-    slots) with nobody to serve. A thread polls the parent's pid, which works whatever
-    thread started the worker; the pid comes from the parent, since the parent may already
-    be gone while a worker is still importing."""
+    `parent`: leave Ctrl-C to the parent, and end as soon as that parent is gone.
+
+    Ctrl-C signals the whole process group; the parent stops the workers and writes the
+    reports, so a worker's own KeyboardInterrupt would only print a traceback per worker.
+    A main process killed with SIGKILL runs no cleanup, and its workers would otherwise live
+    on (holding memory and shared-memory slots) with nobody to serve. A thread polls the
+    parent's pid, which works whatever thread started the worker; the pid comes from the
+    parent, since the parent may already be gone while a worker is still importing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != parent:
         os._exit(1)
 

@@ -214,8 +214,8 @@ def _guarded(fn):
             code = e.exit_code
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
-            typer.echo(f"Interrupted ({e.args[0] if e.args else 'SIGINT'}): finished slides "
-                       "are kept; rerun the same command to do the rest", err=True)
+            typer.echo(f"Interrupted ({e.args[0] if e.args else 'SIGINT'}); rerun the same "
+                       "command to resume (finished slides are kept)", err=True)
             code = INTERRUPTED
             raise typer.Exit(INTERRUPTED) from None
         finally:

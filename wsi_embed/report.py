@@ -145,9 +145,10 @@ class RunReport:
                 else:
                     self._bar.update(1)
             else:
-                log.info("[%d/%d] %s %s (%ss)", self._done(),
+                took = row.get("seconds", "")
+                log.info("[%d/%d] %s %s%s", self._done(),
                          max(len(self._expected), self._done()), sid, status,
-                         row.get("seconds", ""))
+                         f" ({took}s)" if took != "" else "")
 
     def close(self, stopped_by: str | None = None) -> None:
         """End the run's report (with a row for each unfinished slide when the run was

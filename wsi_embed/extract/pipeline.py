@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batch import SlideJob, exit_with_parent
+from ..batch import SlideJob, become_worker
 from ..claims import claim
 from ..errors import WsiEmbedError, describe_error
 from ..report import RunReport, slide_row
@@ -62,7 +62,7 @@ def pipeline(todo: Iterable[tuple[SlideJob, Path]], cfg: ExtractConfig, params: 
     per_batch = math.ceil(batch / chunk)
     n_slots = max(8, 3 * cfg.num_workers) + (2 + HELD_BATCHES) * per_batch
     pool = ReaderPool(cfg.num_workers, chunk, params.patch_size, n_slots, runner.device,
-                      initializer=functools.partial(exit_with_parent, os.getpid()),
+                      initializer=functools.partial(become_worker, os.getpid()),
                       task_timeout=cfg.slide_timeout)
     try:
         feeder = BatchFeeder(pool, runner, batch, HELD_BATCHES)

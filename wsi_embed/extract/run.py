@@ -14,7 +14,7 @@ import h5py
 import torch
 
 from .. import h5io
-from ..batch import SlideJob, exit_with_parent
+from ..batch import SlideJob, become_worker
 from ..devices import pick_device
 from ..encoders import EncoderConfig, get_config, load_encoder
 from ..errors import describe_error
@@ -193,7 +193,7 @@ def _device_main(device: str, cfg: ExtractConfig, preset: EncoderConfig, params:
     the parent resolved (a preset registered at run time included)."""
     from ..encoders import PRESETS
 
-    exit_with_parent(parent)
+    become_worker(parent)
     PRESETS[cfg.encoder] = preset
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(cfg.devices))))
     runner, attrs, batch = encoder_setup(cfg, torch.device(device))
