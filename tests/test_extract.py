@@ -343,3 +343,20 @@ def test_progress_counts_patches_over_all_slides(tmp_path, means_encoder, monkey
     assert r.exit_code == 0
     lines = [ln for ln in r.output.splitlines() if "patches/s" in ln and "slides," in ln]
     assert lines and "2/2 slides, 18/18 patches" in lines[-1], r.output
+
+
+def test_edge_pad_patches_read_white_past_the_slide(tmp_path, means_encoder):
+    """`--edge pad`: the partial last column and row are embedded, with white (glass) past
+    the slide's edge, through the fast reader as through OpenSlide."""
+    p = small_slide(tmp_path / "in" / "edge.svs", 2200, 1700)
+    out = tmp_path / "o"
+    r = cli("extract", p, "--out", out, "--encoder", means_encoder, "--weights", "random",
+            "--tissue", "none", "--edge", "pad", "--num-workers", "0")
+    assert r.exit_code == 0, r.output
+    f, coords, _, _ = feats(out, means_encoder, "edge")
+    assert len(coords) == 9 * 7 and coords[:, 0].max() == 2048 and coords[:, 1].max() == 1536
+    want = patch_means(p, coords, 0, 256)
+    assert np.abs(f - want).max() < 0.01
+    corner = (coords[:, 0] == 2048) & (coords[:, 1] == 1536)  # 152 × 164 px of slide
+    inside = 152 * 164 / 256**2
+    assert np.all(f[corner] > inside * 0.25 + (1 - inside) * 0.99)  # mostly white

@@ -171,3 +171,75 @@ def test_slides_without_patches_say_why_and_are_counted_apart(tmp_path):
     for row in (marrow, kidney):
         assert "no tissue patches" in row["warning"] and "--tissue none" in row["warning"]
     assert "2 with no patches" in r.output
+
+
+def test_the_fixes_the_warnings_name_give_patches(tmp_path):
+    """--no-pen-filter finds the bone-marrow DICOM's tissue; a slide list's `tissue` column
+    sets the choice per slide (the marrow without the pen filter, the kidney fragment as a
+    whole slide), and its reruns and other settings are checked per slide."""
+    a = tmp_path / "a"
+    r = cli("tile", DICOM, "--out", a, "--num-workers", "0", "--slide-mpp", "0.5",
+            "--no-pen-filter")
+    assert r.exit_code == 0, r.output
+    marrow_patches = int(report(a)[DICOM.stem]["n_patches"])
+    assert marrow_patches == 6  # 957 × 715 px: a 3 × 2 grid, every patch tissue
+    listed = tmp_path / "slides.csv"
+    listed.write_text(f"path,tissue\n{DICOM},no-pen\n{KIDNEY},none\n")
+    b = tmp_path / "b"
+    args = ("tile", "--slide-list", listed, "--out", b, "--num-workers", "0", "--slide-mpp",
+            "0.5")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert int(last_run(b / "tile_report.csv")[DICOM.stem]["n_patches"]) == marrow_patches
+    coords, attrs, root, _ = coords_of(b, KIDNEY.stem)
+    ps0 = attrs["patch_size_level0"]
+    assert root["tiling_tissue"] == "none" and len(coords) == (
+        attrs["level0_width"] // ps0) * (attrs["level0_height"] // ps0)
+    assert not coords_of(b, DICOM.stem)[2]["tiling_pen_filter"]
+    r = cli(*args)
+    assert {row["status"] for row in last_run(b / "tile_report.csv").values()} == {"skipped"}
+    r = cli("tile", DICOM, KIDNEY, "--out", b, "--num-workers", "0", "--slide-mpp", "0.5")
+    assert r.exit_code == 2 and "2 of 2 slides already have coords" in r.output
+    listed.write_text(f"path,tissue\n{DICOM},otsu\n")
+    r = cli(*args)
+    assert r.exit_code == 2 and "line 2: tissue 'otsu'" in r.output and "no-pen" in r.output
+
+
+def test_coords_from_before_the_pen_and_edge_settings_count_as_the_defaults(tmp_path):
+    p = small_slide(tmp_path / "in" / "old.svs")
+    out = tmp_path / "o"
+    base = ("tile", p, "--out", out, "--tissue", "none", "--num-workers", "0")
+    assert cli(*base).exit_code == 0
+    with h5py.File(out / "coords" / "old.h5", "a") as f:  # as an earlier version wrote it
+        del f.attrs["tiling_pen_filter"], f.attrs["tiling_edge"]
+    r = cli(*base)
+    assert r.exit_code == 0 and last_run(out / "tile_report.csv")["old"]["status"] == "skipped"
+    r = cli(*base, "--edge", "pad")
+    assert r.exit_code == 2 and "tiling_edge='drop', this run asks 'pad'" in r.output
+
+
+def test_edge_pad_adds_the_partial_last_column_and_row_only_when_pixels_are_left():
+    drop = grid_coords(1000, 700, 256, 256)
+    pad = grid_coords(1000, 700, 256, 256, pad=True)
+    assert sorted(set(drop[:, 0])) == [0, 256, 512] and sorted(set(drop[:, 1])) == [0, 256]
+    assert sorted(set(pad[:, 0])) == [0, 256, 512, 768] and sorted(set(pad[:, 1])) == [
+        0, 256, 512]
+    assert len(grid_coords(1024, 512, 256, 256, pad=True)) == 8  # nothing left over
+    assert sorted(set(grid_coords(1000, 256, 256, 128, pad=True)[:, 0]))[-1] == 768
+    assert len(grid_coords(100, 100, 256, 256)) == 0
+    assert grid_coords(100, 100, 256, 256, pad=True).tolist() == [[0, 0]]
+
+
+def test_the_patch_grid_shows_on_fluorescence_thumbnails(tmp_path):
+    """Blue outlines vanish on a DAPI slide's blue tissue: its grid is drawn in yellow; H&E
+    keeps blue."""
+    import cv2
+
+    from wsi_embed.viz import PATCH_BGR
+
+    r = cli("tile", NDPI, CMU, "--out", tmp_path / "o", "--num-workers", "0")
+    assert r.exit_code == 0, r.output
+    for slide, colour in ((NDPI, PATCH_BGR[1]), (CMU, PATCH_BGR[0])):
+        img = cv2.imread(str(tmp_path / "o" / "thumbnails" / f"{slide.stem}.png"))
+        drawn = {c: int((img == c).all(axis=2).sum()) for c in PATCH_BGR}
+        assert drawn[colour] > 500 and sum(drawn.values()) == drawn[colour], drawn

@@ -35,6 +35,10 @@ class SlideJob:
     slide_id: str
     mpp: float | None = None
     size: int = 0
+    #: the slide list's per-slide tissue choice: auto, none, no-pen (auto without the pen
+    #: filter); or a mask file in `tissue_mask`
+    tissue: str | None = None
+    tissue_mask: Path | None = None
 
 
 def parse_extensions(ext: str | None) -> tuple[str, ...]:
@@ -109,9 +113,14 @@ def one_job_per_dicom_series(jobs: list[SlideJob]) -> list[SlideJob]:
     return [merged.get(i, j) for i, j in enumerate(jobs) if i not in folded or i in merged]
 
 
+#: values of a slide list's `tissue` column, besides a mask file
+TISSUE_CHOICES = ("auto", "none", "no-pen")
+MASK_SUFFIXES = (".png", ".geojson", ".json")
+
+
 def read_slide_list(path: Path) -> list[SlideJob]:
-    """CSV with a `path` column and optional `slide_id` and `mpp`; relative paths are taken
-    from the CSV's folder."""
+    """CSV with a `path` column and optional `slide_id`, `mpp` and `tissue` (auto, none,
+    no-pen, or a mask file); relative paths are taken from the CSV's folder."""
     try:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
@@ -121,7 +130,7 @@ def read_slide_list(path: Path) -> list[SlideJob]:
     if "path" not in cols:
         have = ", ".join(cols) or "none"
         raise UsageError(f"slide list {path} has no 'path' column (columns: {have}); "
-                         "expected path[,slide_id][,mpp]")
+                         "expected path[,slide_id][,mpp][,tissue]")
     jobs = []
     for i, r in enumerate(rows, start=2):
         r = {k.strip(): (v or "").strip() for k, v in r.items() if k}
@@ -141,8 +150,23 @@ def read_slide_list(path: Path) -> list[SlideJob]:
             if why:
                 raise UsageError(f"slide list {path}, line {i}: mpp {mpp:g} {why}")
         sid = check_slide_id(r.get("slide_id") or p.stem, f"slide list {path}, line {i}")
-        jobs.append(SlideJob(p, sid, mpp, p.stat().st_size))
+        tissue, mask = _tissue_cell(r.get("tissue", ""), path, i)
+        jobs.append(SlideJob(p, sid, mpp, p.stat().st_size, tissue, mask))
     return jobs
+
+
+def _tissue_cell(cell: str, csv_path: Path, line: int) -> tuple[str | None, Path | None]:
+    """A `tissue` cell: (choice, None), (None, mask file) or (None, None) when empty."""
+    if not cell:
+        return None, None
+    if cell.lower() in TISSUE_CHOICES:
+        return cell.lower(), None
+    mask = Path(cell) if Path(cell).is_absolute() else csv_path.parent / cell
+    if mask.suffix.lower() in MASK_SUFFIXES and mask.is_file():
+        return None, mask
+    raise UsageError(f"slide list {csv_path}, line {line}: tissue {cell!r} is neither "
+                     f"{', '.join(TISSUE_CHOICES)} nor a mask file ({', '.join(MASK_SUFFIXES)})"
+                     + ("" if mask.suffix.lower() not in MASK_SUFFIXES else f": no file {mask}"))
 
 
 def _dead_link(f: Path) -> bool:

@@ -1,7 +1,19 @@
-"""Choices of the slide-level commands that the CLI lists (how zero-shot pools patch
-similarities, how classify decides), apart from the model code: no torch import for --help."""
+"""Choices the CLI lists (how tissue is found, how zero-shot pools patch similarities, how
+classify decides), apart from the code that uses them: no torch import for --help."""
 
 from enum import StrEnum
+
+
+class TissueMethod(StrEnum):
+    AUTO = "auto"  # detect tissue on a thumbnail
+    NONE = "none"  # the whole slide is tissue
+
+
+class Edge(StrEnum):
+    """Tissue at the slide's right and bottom edges, where a last patch would stick out."""
+
+    DROP = "drop"  # only patches lying wholly inside the slide
+    PAD = "pad"  # also the partial last row and column, padded with white (as glass)
 
 
 class Pooling(StrEnum):

@@ -15,12 +15,14 @@ import typer
 from . import __version__, batch, slides
 from .choices import (
     DecodingMethod,
+    Edge,
     HistoGPTSize,
     Pooling,
     RegressionLoss,
     SurvivalLoss,
     Task,
     Threshold,
+    TissueMethod,
 )
 from .errors import UsageError, WsiEmbedError
 from .extract.config import Decode, FeatureDtype, Precision, Reader
@@ -140,7 +142,8 @@ log = logging.getLogger("wsi_embed")
 
 LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 OUT = typer.Option(..., "--out", help="Output folder.")
-SLIDE_LIST = typer.Option(None, "--slide-list", help="CSV with path[,slide_id][,mpp].")
+SLIDE_LIST = typer.Option(None, "--slide-list",
+                          help="CSV with path[,slide_id][,mpp][,tissue].")
 RECURSIVE = typer.Option(False, "--recursive", help="Search folders recursively.")
 EXT = typer.Option(None, "--ext", help="Comma-separated slide extensions for folders.")
 TARGET_MPP = typer.Option(None, "--target-mpp", help="Patch resolution in µm/px (default 0.5).")
@@ -149,7 +152,14 @@ PATCH_SIZE = typer.Option(256, "--patch-size", help="Patch side in px at the tar
 OVERLAP = typer.Option(0, "--overlap", help="Overlap between patches in px at the target MPP.")
 MIN_TISSUE = typer.Option(0.25, "--min-tissue", help="Keep patches with this tissue fraction.")
 SLIDE_MPP = typer.Option(None, "--slide-mpp", help="Level-0 MPP for slides (overrides metadata).")
-TISSUE = typer.Option("auto", "--tissue", help="auto (detect) or none (whole slide).")
+TISSUE = typer.Option(TissueMethod.AUTO, "--tissue",
+                      help="auto (detect) or none (whole slide); per slide: a 'tissue' column "
+                           "in --slide-list (auto, none, no-pen or a mask file).")
+PEN_FILTER = typer.Option(True, "--pen-filter/--no-pen-filter",
+                          help="Drop patches mostly covered by pen ink (brightfield slides).")
+EDGE = typer.Option(Edge.DROP, "--edge",
+                    help="drop: patches wholly inside the slide; pad: also the partial last "
+                         "row and column, padded with white.")
 TISSUE_MASK = typer.Option(None, "--tissue-mask",
                            help="PNG mask or GeoJSON (level-0 px), or a folder of <slide_id>.*")
 OVERWRITE = typer.Option(False, "--overwrite", help="Redo slides whose outputs exist.")
@@ -309,7 +319,7 @@ def _jobs(slides, slide_list, recursive, ext, shard):
 
 def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size, overlap,
                  min_tissue, tissue: str, tissue_mask: Path | None, slide_mpp: float | None,
-                 check_out: bool = True):
+                 pen_filter: bool = True, edge: str = "drop", check_out: bool = True):
     """Validate the tiling options shared by `tile` and `extract`, and the output folder."""
     from .batch import check_writable
     from .slides import mpp_problem
@@ -317,8 +327,6 @@ def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size
 
     if slide_mpp is not None and mpp_problem(slide_mpp):
         raise UsageError(f"--slide-mpp {slide_mpp:g} {mpp_problem(slide_mpp)}")
-    if tissue not in ("auto", "none"):
-        raise UsageError("--tissue must be auto or none")
     if tissue_mask is not None and not tissue_mask.exists():
         raise UsageError(f"--tissue-mask {tissue_mask} does not exist")
     if tissue_mask is not None and tissue_mask.is_file() and n_slides > 1:
@@ -326,7 +334,8 @@ def _tile_params(out: Path, n_slides: int, target_mpp, magnification, patch_size
                          "folder of <slide_id>.geojson/.png masks")
     try:
         params = TileParams(_target_mpp(target_mpp, magnification), patch_size, overlap,
-                            min_tissue, "mask" if tissue_mask else tissue)
+                            min_tissue, "mask" if tissue_mask else str(tissue), pen_filter,
+                            str(edge))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if check_out:
@@ -360,7 +369,8 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
          out: Path = OUT, slide_list: Path = SLIDE_LIST, recursive: bool = RECURSIVE,
          ext: str = EXT, target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
          patch_size: int = PATCH_SIZE, overlap: int = OVERLAP, min_tissue: float = MIN_TISSUE,
-         slide_mpp: float = SLIDE_MPP, tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
+         slide_mpp: float = SLIDE_MPP, tissue: TissueMethod = TISSUE,
+         tissue_mask: Path = TISSUE_MASK, pen_filter: bool = PEN_FILTER, edge: Edge = EDGE,
          overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
          slide_timeout: float = SLIDE_TIMEOUT, max_plain_pixels: int = MAX_PLAIN_PIXELS,
          log_level: str = LOG_LEVEL) -> None:
@@ -370,7 +380,7 @@ def tile(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
     _setup_logging(log_level)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
-                          min_tissue, tissue, tissue_mask, slide_mpp)
+                          min_tissue, tissue, tissue_mask, slide_mpp, pen_filter, edge)
     _finish(tile_slides(jobs, TileConfig(out, params, slide_mpp, tissue_mask, overwrite,
                                          max_plain_pixels), _workers(num_workers),
                         _timeout(slide_timeout)))
@@ -441,7 +451,8 @@ def plan(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
                                               "default: this machine's."),
          target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
          patch_size: int = PATCH_SIZE, overlap: int = OVERLAP, min_tissue: float = MIN_TISSUE,
-         slide_mpp: float = SLIDE_MPP, tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
+         slide_mpp: float = SLIDE_MPP, tissue: TissueMethod = TISSUE,
+         tissue_mask: Path = TISSUE_MASK, pen_filter: bool = PEN_FILTER, edge: Edge = EDGE,
          shard: str = SHARD, max_plain_pixels: int = MAX_PLAIN_PIXELS,
          as_json: bool = typer.Option(False, "--json", help="Print JSON."),
          log_level: str = typer.Option("WARNING", "--log-level",
@@ -465,7 +476,8 @@ def plan(slides: list[Path] = typer.Argument(None, help="Slide files or folders.
         dim = PRESETS[encoder].dim
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(Path("."), len(jobs), target_mpp, magnification, patch_size,
-                          overlap, min_tissue, tissue, tissue_mask, slide_mpp, check_out=False)
+                          overlap, min_tissue, tissue, tissue_mask, slide_mpp, pen_filter, edge,
+                          check_out=False)
     rows = plan_slides(jobs, TileConfig(Path("."), params, slide_mpp, tissue_mask,
                                         max_plain_pixels=max_plain_pixels))
     itemsize = 2 if dtype == FeatureDtype.FLOAT16 else 4
@@ -537,7 +549,8 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
             target_mpp: float = TARGET_MPP, magnification: float = MAGNIFICATION,
             patch_size: int = PATCH_SIZE, overlap: int = OVERLAP,
             min_tissue: float = MIN_TISSUE, slide_mpp: float = SLIDE_MPP,
-            tissue: str = TISSUE, tissue_mask: Path = TISSUE_MASK,
+            tissue: TissueMethod = TISSUE, tissue_mask: Path = TISSUE_MASK,
+            pen_filter: bool = PEN_FILTER, edge: Edge = EDGE,
             overwrite: bool = OVERWRITE, shard: str = SHARD, num_workers: int = NUM_WORKERS,
             slide_timeout: float = SLIDE_TIMEOUT, max_plain_pixels: int = MAX_PLAIN_PIXELS,
             log_level: str = LOG_LEVEL) -> None:
@@ -560,7 +573,7 @@ def extract(slides: list[Path] = typer.Argument(None, help="Slide files or folde
     _workers(num_workers)
     jobs = _jobs(slides, slide_list, recursive, ext, shard)
     params = _tile_params(out, len(jobs), target_mpp, magnification, patch_size, overlap,
-                          min_tissue, tissue, tissue_mask, slide_mpp)
+                          min_tissue, tissue, tissue_mask, slide_mpp, pen_filter, edge)
     tile_cfg = TileConfig(out, params, slide_mpp, tissue_mask, overwrite=False,
                           max_plain_pixels=max_plain_pixels)
     cfg = ExtractConfig(out=out, encoder=encoder, weights=weights, device=device,

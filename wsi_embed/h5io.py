@@ -243,6 +243,11 @@ def read_coords_file(path: Path) -> CoordsFile:
         return CoordsFile(ds[:].astype(np.int64), tf, _attrs(ds), _attrs(f))
 
 
+#: root attributes added to a schema after files were written without them, and the value
+#: those older files were made with (so they are not taken for other settings)
+ADDED_ATTRS = {"tiling_pen_filter": True, "tiling_edge": "drop"}
+
+
 def check_output(path: Path, schema: str, expect: dict | None = None) -> str | None:
     """Why `path` is not a finished output of `schema` made with `expect` root attrs (None if
     it is one). A missing file is "missing"."""
@@ -266,7 +271,7 @@ def check_output(path: Path, schema: str, expect: dict | None = None) -> str | N
                 if "features" in f and n:
                     f["features"][n - 1]  # the last row must be readable
             for k, v in (expect or {}).items():
-                have = f.attrs.get(k)
+                have = f.attrs.get(k, ADDED_ATTRS.get(k))
                 if isinstance(have, bytes):
                     have = have.decode()
                 if not _same(have, v):
@@ -286,12 +291,13 @@ def _readable(v) -> str:
 REDO = "pass --overwrite to redo them, or choose another --out"
 
 
-def refuse_settings_conflict(path_of, ids: list[str], schema: str, expect: dict, what: str,
+def refuse_settings_conflict(path_of, ids: list[str], schema: str, expect, what: str,
                              fix=lambda why: REDO) -> None:
     """One refusal before any work when existing outputs `path_of(id)` were made with other
-    settings (naming how many, the setting, both values and `fix(why)`), rather than a failed
-    row per slide. An id whose path cannot be had (outside --out, a bad id) is left to its
-    own slide's row."""
+    settings than `expect` (a dict, or a function of the id for per-slide settings), naming
+    how many, the setting, both values and `fix(why)`, rather than a failed row per slide.
+    An id whose path cannot be had (outside --out, a bad id) is left to its own slide's
+    row."""
     from .errors import UsageError
 
     found = []
@@ -300,7 +306,8 @@ def refuse_settings_conflict(path_of, ids: list[str], schema: str, expect: dict,
             p = path_of(i)
         except Exception:  # noqa: BLE001 - that slide fails on its own, with its reason
             continue
-        why = check_output(p, schema, expect) if p.exists() else None
+        want = expect(i) if callable(expect) else expect
+        why = check_output(p, schema, want) if p.exists() else None
         if why and why.startswith("made with"):
             found.append((p, why))
     if found:

@@ -59,7 +59,7 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
             row.width, row.height = slide.width, slide.height
             row.mpp = round(resolve_mpp(slide, job, cfg.slide_mpp), 5)
             row.mpp_source = slide.mpp_source
-            res = tile_open_slide(slide, job.slide_id, cfg.params, cfg.mask_for(job.slide_id))
+            res = tile_open_slide(slide, job.slide_id, cfg.params_for(job), cfg.mask_for(job))
             row.n_patches, row.read_level = len(res.coords), res.geometry.level
             row.status = "ok"
             if res.mask.warning:

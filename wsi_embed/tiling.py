@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,8 @@ class TileParams:
     overlap: int = 0
     min_tissue: float = 0.25
     tissue: str = "auto"  # auto | none | mask (a --tissue-mask was given)
+    pen_filter: bool = True  # drop patches mostly covered by pen ink (brightfield)
+    edge: str = "drop"  # drop | pad: see choices.Edge
 
     def __post_init__(self) -> None:
         if self.patch_size <= 0:
@@ -56,6 +58,8 @@ class TileParams:
             raise ValueError("--min-tissue must be between 0 and 1")
         if not self.target_mpp > 0:
             raise ValueError("--target-mpp must be positive")
+        if self.edge not in ("drop", "pad"):
+            raise ValueError("--edge must be drop or pad")
 
     def root_attrs(self) -> dict:
         """Tiling parameters stored in (and checked against) every coords file."""
@@ -87,10 +91,20 @@ def check_geometry(slide: Slide, target_mpp: float) -> None:
             "upsampled. Use a coarser --target-mpp, or --slide-mpp if the metadata is wrong.")
 
 
-def grid_coords(width: int, height: int, ps0: int, step0: int) -> np.ndarray:
-    """Top-left level-0 corners of every patch lying wholly inside the slide, row-major."""
-    xs = np.arange(0, width - ps0 + 1, step0, dtype=np.int64)
-    ys = np.arange(0, height - ps0 + 1, step0, dtype=np.int64)
+def grid_coords(width: int, height: int, ps0: int, step0: int, pad: bool = False
+                ) -> np.ndarray:
+    """Top-left level-0 corners of every patch lying wholly inside the slide, row-major; with
+    `pad`, also one more column and row reaching past the right and bottom edges when the
+    slide's last pixels would otherwise lie in no patch."""
+
+    def starts(size: int) -> np.ndarray:
+        s = np.arange(0, size - ps0 + 1, step0, dtype=np.int64)
+        last_end = int(s[-1]) + ps0 if len(s) else 0
+        if pad and last_end < size:
+            s = np.append(s, np.int64(int(s[-1]) + step0 if len(s) else 0))
+        return s
+
+    xs, ys = starts(width), starts(height)
     if len(xs) == 0 or len(ys) == 0:
         return np.zeros((0, 2), np.int64)
     gx, gy = np.meshgrid(xs, ys)
@@ -157,11 +171,13 @@ def tile_open_slide(slide: Slide, slide_id: str, params: TileParams,
     elif params.tissue == "none":
         mask = full_mask(thumb.shape[:2], d_eff)
     else:
-        mask = detect_tissue(thumb, d_eff, slide.mpp, tissue_params)
+        mask = detect_tissue(thumb, d_eff, slide.mpp,
+                             tissue_params or TissueParams(pen_filter=params.pen_filter))
     step0 = (geom.patch_size_level0 if params.overlap == 0
              else round((params.patch_size - params.overlap) * geom.patch_size_level0
                         / params.patch_size))
-    grid = grid_coords(slide.width, slide.height, geom.patch_size_level0, step0)
+    grid = grid_coords(slide.width, slide.height, geom.patch_size_level0, step0,
+                       pad=params.edge == "pad")
     frac = box_fractions(mask.tissue, d_eff, grid, geom.patch_size_level0)
     keep = frac >= max(params.min_tissue, 1e-6)
     if mask.pen.any():
@@ -204,14 +220,26 @@ class TileConfig:
     def layout(self) -> OutputLayout:
         return OutputLayout(self.out)
 
-    def mask_for(self, slide_id: str) -> Path | None:
+    def params_for(self, job: SlideJob) -> TileParams:
+        """The run's tiling settings with the slide list's `tissue` choice for this slide."""
+        if job.tissue_mask is not None:
+            return replace(self.params, tissue="mask")
+        if job.tissue == "no-pen":
+            return replace(self.params, tissue="auto", pen_filter=False)
+        if job.tissue is not None:
+            return replace(self.params, tissue=job.tissue)
+        return self.params
+
+    def mask_for(self, job: SlideJob) -> Path | None:
+        if job.tissue_mask is not None or job.tissue is not None:
+            return job.tissue_mask
         if self.tissue_mask is None or self.tissue_mask.is_file():
             return self.tissue_mask
         for ext in (".geojson", ".json", ".png"):
-            p = self.tissue_mask / f"{slide_id}{ext}"
+            p = self.tissue_mask / f"{job.slide_id}{ext}"
             if p.is_file():
                 return p
-        raise SlideError(f"no tissue mask for {slide_id} in {self.tissue_mask} "
+        raise SlideError(f"no tissue mask for {job.slide_id} in {self.tissue_mask} "
                          "(expected <slide_id>.geojson or .png)")
 
 
@@ -220,7 +248,8 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
     t0 = time.perf_counter()
     try:
         coords_file = cfg.layout.coords(job.slide_id)
-        status = h5io.resume_status(coords_file, h5io.COORDS_SCHEMA, cfg.params.root_attrs(),
+        params = cfg.params_for(job)
+        status = h5io.resume_status(coords_file, h5io.COORDS_SCHEMA, params.root_attrs(),
                                     cfg.overwrite)
         if status:
             return slide_row(job, status, t0)
@@ -228,21 +257,21 @@ def run_tile_job(cfg: TileConfig, job: SlideJob) -> dict:
         if isinstance(held, str):
             return slide_row(job, "skipped", t0, warning=held)
         try:
-            if h5io.resume_status(coords_file, h5io.COORDS_SCHEMA, cfg.params.root_attrs(),
+            if h5io.resume_status(coords_file, h5io.COORDS_SCHEMA, params.root_attrs(),
                                   cfg.overwrite):  # finished by another run meanwhile
                 return slide_row(job, "skipped", t0)
             with open_slide(job.path, cfg.max_plain_pixels) as slide:
                 resolve_mpp(slide, job, cfg.slide_mpp)
-                res = tile_open_slide(slide, job.slide_id, cfg.params,
-                                      cfg.mask_for(job.slide_id))
-                write_tile_outputs(cfg.layout, job.slide_id, slide, res, cfg.params)
+                res = tile_open_slide(slide, job.slide_id, params, cfg.mask_for(job))
+                write_tile_outputs(cfg.layout, job.slide_id, slide, res, params)
         finally:
             held.release()
         warning = res.mask.warning
         if len(res.coords) == 0:
             warning = (warning + "; " if warning else "") + (
                 "no tissue patches: empty coords file; if the slide has tissue, check its "
-                "thumbnail and use --tissue none, a --tissue-mask, or a lower --min-tissue")
+                "thumbnail and use --tissue none, a --tissue-mask, --no-pen-filter, or a "
+                "lower --min-tissue (or a per-slide 'tissue' column in a --slide-list)")
         return slide_row(job, "ok", t0, n_patches=len(res.coords),
                          tissue_area_mm2=round(res.mask.area_mm2(slide.mpp), 3),
                          level0_mpp=round(slide.mpp, 5), read_level=res.geometry.level,
@@ -260,8 +289,10 @@ def tile_slides(jobs: list[SlideJob], cfg: TileConfig, num_workers: int,
     work, also run by `extract` for slides that have no coords yet."""
     layout = cfg.layout
     if not cfg.overwrite:
-        h5io.refuse_settings_conflict(layout.coords, [j.slide_id for j in jobs],
-                                      h5io.COORDS_SCHEMA, cfg.params.root_attrs(), "coords")
+        by_id = {j.slide_id: j for j in jobs}
+        h5io.refuse_settings_conflict(layout.coords, list(by_id), h5io.COORDS_SCHEMA,
+                                      lambda sid: cfg.params_for(by_id[sid]).root_attrs(),
+                                      "coords")
     for folder in (layout.coords_dir, layout.thumbnails_dir):
         h5io.remove_stale_tmp(folder)
     with RunReport(layout.tile_report, TILE_COLUMNS, "tile") as report:

@@ -134,7 +134,7 @@ def detect_tissue(rgb: np.ndarray, downsample: float, level0_mpp: float,
         if inked > PEN_WARNING:
             warning = (f"the pen-ink filter removed {inked:.0%} of the tissue-coloured area: if "
                        "the slide has no ink (IHC, special stains), check the thumbnail and "
-                       "use --tissue none or a --tissue-mask")
+                       "use --no-pen-filter, --tissue none or a --tissue-mask")
         raw &= ~pen
     tissue = _clean(raw, px_um, p) & ~pen
     if tissue.mean() > WHOLE_SLIDE_WARNING:

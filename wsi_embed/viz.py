@@ -16,8 +16,23 @@ from .layout import OutputLayout
 log = logging.getLogger(__name__)
 
 TISSUE_BGR = (0, 200, 0)
-PATCH_BGR = (255, 80, 0)
 PEN_BGR = (0, 0, 255)
+#: patch outlines: blue, unless the slide's own colour would hide it (then the farthest)
+PATCH_BGR = ((255, 80, 0), (0, 220, 255), (255, 0, 255))  # blue, yellow, magenta
+#: how far (sum of BGR differences) blue must be from the tissue's mean colour to be kept
+PATCH_CONTRAST = 300
+
+
+def patch_colour(thumb_rgb: np.ndarray, tissue: np.ndarray) -> tuple[int, int, int]:
+    """An outline colour that shows on this slide: blue on H&E, yellow on blue-stained
+    fluorescence (DAPI), whose tissue is itself blue."""
+    px = thumb_rgb[tissue] if tissue.shape == thumb_rgb.shape[:2] and tissue.any() else thumb_rgb
+    mean_bgr = px.reshape(-1, 3).mean(0)[::-1]
+
+    def dist(c) -> float:
+        return float(np.abs(np.subtract(c, mean_bgr)).sum())
+
+    return PATCH_BGR[0] if dist(PATCH_BGR[0]) >= PATCH_CONTRAST else max(PATCH_BGR, key=dist)
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -28,12 +43,14 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def save_tiling_overlay(path: Path, res) -> None:
-    """Thumbnail with the tissue outline (green), pen ink (red) and kept patches (blue)."""
+    """Thumbnail with the tissue outline (green), pen ink (red) and kept patches (blue, or
+    a colour that shows on the slide)."""
     img = np.ascontiguousarray(res.thumbnail[..., ::-1])
     d = res.mask.downsample
     ps = max(1, round(res.geometry.patch_size_level0 / d))
+    colour = patch_colour(res.thumbnail, res.mask.tissue)
     for x, y in np.round(res.coords / d).astype(int):
-        cv2.rectangle(img, (int(x), int(y)), (int(x) + ps - 1, int(y) + ps - 1), PATCH_BGR, 1)
+        cv2.rectangle(img, (int(x), int(y)), (int(x) + ps - 1, int(y) + ps - 1), colour, 1)
     for m, colour in ((res.mask.tissue, TISSUE_BGR), (res.mask.pen, PEN_BGR)):
         contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_CCOMP,
                                        cv2.CHAIN_APPROX_SIMPLE)
