@@ -1,14 +1,20 @@
-"""The SLURM array script: its tasks' shares cover every slide exactly once."""
+"""Cluster runs: the SLURM array script covers every slide exactly once; the Snakemake
+workflow runs end to end and agrees with wsi-embed's resume."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
+import h5py
+import numpy as np
+import yaml
+
 from wsi_embed.batch import discover, parse_shard, take_shard
 
-from .conftest import cli
+from .conftest import CMU, MEANS_CLI, ROOT, cli, copy, patch_means
 
 
 def test_every_slide_is_in_exactly_one_array_task(tmp_path):
@@ -42,3 +48,51 @@ def test_every_slide_is_in_exactly_one_array_task(tmp_path):
     r = cli("workflow", "slurm-array", "--shards", "2", "--script", script, "--", "extract",
             slides, "--shard", "0/2")
     assert r.exit_code == 2 and "leave --shard out" in r.output
+
+
+def _snakemake(wf, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the stand-in encoder lives in tests/
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--directory",
+                           str(wf), "-s", str(wf / "Snakefile"), *args], env=env,
+                          capture_output=True, text=True)
+
+
+def test_the_snakemake_workflow_tiles_and_extracts_then_has_nothing_to_do(tmp_path):
+    """`workflow init`, then Snakemake's local executor on the sample slide with the
+    channel-mean encoder: features of the right patches; a dry run then finds nothing to do;
+    the train rule and shard jobs are wired; a typo in config.yaml is one line."""
+    wf = tmp_path / "wf"
+    r = cli("workflow", "init", wf)
+    assert r.exit_code == 0, r.output
+    copy(CMU, wf / "slides" / CMU.name)
+    config = yaml.safe_load((wf / "config.yaml").read_text())
+    config["workflow"].update(encoders=["test_means"],
+                              wsi_embed=" ".join(shlex.quote(a) for a in MEANS_CLI))
+    config["wsi_embed"]["extract"].update(weights="random", num_workers=0, device="cpu")
+    (wf / "config.yaml").write_text(yaml.safe_dump(config))
+    done = _snakemake(wf)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with h5py.File(wf / "out" / "features" / "test_means" / f"{CMU.stem}.h5") as f:
+        coords, feats = f["coords"][:], f["features"][:]
+    with h5py.File(wf / "out" / "coords" / f"{CMU.stem}.h5") as f:
+        assert np.array_equal(f["coords"][:], coords) and len(coords) > 10
+    assert np.abs(feats - patch_means(CMU, coords, 0, 256)).max() < 0.01
+    dry = _snakemake(wf, "-n")
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stderr
+
+    config["wsi_embed"]["train"] = {"labels": "labels.csv", "head": "mean"}
+    config["workflow"].update(jobs="shard", shards=2)
+    (wf / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = _snakemake(wf, "-n", "-p")
+    text = dry.stdout + dry.stderr
+    assert dry.returncode == 0, text
+    for k in (0, 1):
+        assert f"--shard {k}/2 --num-workers 0" in text  # tile
+        assert f"--shard {k}/2 --encoder test_means" in text  # extract
+    assert "train --config out/workflow/wsi-embed.yaml --features out/features/test_means" in text
+
+    config["wsi_embed"]["extract"]["batchsize"] = 4
+    (wf / "config.yaml").write_text(yaml.safe_dump(config))
+    bad = _snakemake(wf, "-n")
+    assert bad.returncode != 0 and "no option 'batchsize' (did you mean 'batch_size'?)" in (
+        bad.stdout + bad.stderr)

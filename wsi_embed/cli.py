@@ -61,8 +61,24 @@ def _options(ctx: typer.Context,
         ctx.obj = {"config": str(config), "default_map": dmap}
 
 
-workflow_app = typer.Typer(no_args_is_help=True, help="Cluster runs: SLURM array scripts.")
+workflow_app = typer.Typer(no_args_is_help=True,
+                           help="Cluster runs: a Snakemake workflow, SLURM array scripts.")
 app.add_typer(workflow_app, name="workflow")
+
+
+@workflow_app.command("init")
+def workflow_init(folder: Path = typer.Argument(..., help="Where to write the Snakefile and "
+                                                           "its config.yaml.")) -> None:
+    """Copy the Snakemake workflow (tile -> extract -> train) and its config template."""
+    from .workflow import init_workflow
+
+    try:
+        made = init_workflow(folder)
+    except WsiEmbedError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    typer.echo(f"wrote {', '.join(str(p) for p in made)}: edit config.yaml, then "
+               f"`snakemake --directory {folder} --cores 8` (or --executor slurm)")
 
 
 @workflow_app.command("slurm-array",
