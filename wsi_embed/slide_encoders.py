@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import EncoderError
 from .heads.abmil import ABMIL, GatedAttention
+from .slide_titan import TitanSlideEncoder, remap_titan, titan_sizes
 
 
 # -- modules -----------------------------------------------------------------------------
@@ -182,6 +183,15 @@ SLIDE_PRESETS: dict[str, SlideEncoderConfig] = {
         "conch_v1", 256, 1.0, False, 512, hf_repo="MahmoodLab/madeleine", hf_file="model.pt",
         licence="CC-BY-NC-ND-4.0", gated=True,
         note="MADELEINE (multi-head ABMIL over CONCH features at 10x; the H&E embedding)"),
+    "titan": SlideEncoderConfig(
+        TitanSlideEncoder, remap_titan, titan_sizes,
+        {"in_dim": 768, "dim": 768, "depth": 6, "heads": 12, "pool_heads": 8,
+         "pool_queries": 128},
+        "conch_v1_5", 512, 0.5, True, 768, hf_repo="MahmoodLab/TITAN",
+        licence="CC-BY-NC-ND-4.0", gated=True,
+        note="TITAN (ViT with 2-D ALiBi over the CONCH v1.5 feature grid; the contrastive "
+        "pooler's embedding, as encode_slide_from_patch_features); attention in blocks: "
+        "memory linear in the patch count"),
 }
 
 
