@@ -268,6 +268,8 @@ def test_an_interrupted_run_says_so_lists_what_it_did_and_exits_130(tmp_path, ho
     status = cli("status", out).output
     assert f"interrupted {run.name}" in " ".join(status.split())
     assert "extract_report_test_means: 5 slides:" in status and "interrupted" in status
+    if how == "SIGINT":
+        return  # resuming is the same after either signal
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert {r["status"] for r in merged(out / "extract_report_test_means.csv").values()} == {

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import EncoderError
 from .heads.abmil import ABMIL, GatedAttention
+from .slide_gigapath import GigaPathSlideEncoder, gigapath_sizes, remap_gigapath
 from .slide_titan import TitanSlideEncoder, remap_titan, titan_sizes
 
 
@@ -183,6 +184,15 @@ SLIDE_PRESETS: dict[str, SlideEncoderConfig] = {
         "conch_v1", 256, 1.0, False, 512, hf_repo="MahmoodLab/madeleine", hf_file="model.pt",
         licence="CC-BY-NC-ND-4.0", gated=True,
         note="MADELEINE (multi-head ABMIL over CONCH features at 10x; the H&E embedding)"),
+    "gigapath_slide": SlideEncoderConfig(
+        GigaPathSlideEncoder, remap_gigapath, gigapath_sizes,
+        {"in_dim": 1536, "dim": 768, "depth": 12, "heads": 16, "hidden": 3072},
+        "gigapath", 256, 0.5, True, 768, hf_repo="prov-gigapath/prov-gigapath",
+        hf_file="slide_encoder.pth", licence="Apache-2.0 (code and weights; gated)",
+        gated=True,
+        note="Prov-GigaPath slide encoder (LongNet, dilated attention) as TRIDENT calls it: "
+        "the state before the last layer, mean over patches; plain-torch attention in "
+        "blocks (no flash-attn, any device)"),
     "titan": SlideEncoderConfig(
         TitanSlideEncoder, remap_titan, titan_sizes,
         {"in_dim": 768, "dim": 768, "depth": 6, "heads": 12, "pool_heads": 8,
