@@ -18,7 +18,8 @@ from wsi_embed.slide_encoders import SLIDE_PRESETS, load_slide_encoder
 FIXTURES = Path(__file__).parent / "fixtures" / "slide_encoders"
 #: preset → fixture folder (the FEATHER presets share one architecture)
 CASES = {"chief": "chief", "feather_conch15": "feather", "feather_uni2": "feather",
-         "madeleine": "madeleine", "titan": "titan", "gigapath_slide": "gigapath"}
+         "madeleine": "madeleine", "titan": "titan", "gigapath_slide": "gigapath",
+         "prism": "prism"}
 
 
 def fixture(folder: str):

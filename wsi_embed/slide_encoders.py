@@ -17,6 +17,7 @@ from torch import nn
 from .errors import EncoderError
 from .heads.abmil import ABMIL, GatedAttention
 from .slide_gigapath import GigaPathSlideEncoder, gigapath_sizes, remap_gigapath
+from .slide_prism import PrismSlideEncoder, prism_sizes, remap_prism
 from .slide_titan import TitanSlideEncoder, remap_titan, titan_sizes
 
 
@@ -193,6 +194,13 @@ SLIDE_PRESETS: dict[str, SlideEncoderConfig] = {
         note="Prov-GigaPath slide encoder (LongNet, dilated attention) as TRIDENT calls it: "
         "the state before the last layer, mean over patches; plain-torch attention in "
         "blocks (no flash-attn, any device)"),
+    "prism": SlideEncoderConfig(
+        PrismSlideEncoder, remap_prism, prism_sizes,
+        {"in_dim": 2560, "dim": 1280, "latents": 512, "depth": 8, "tf_depth": 6},
+        "virchow", 224, 0.5, False, 1280, hf_repo="paige-ai/Prism",
+        licence="CC-BY-NC-ND-4.0", gated=True,
+        note="PRISM (Perceiver over Virchow CLS ⊕ mean tile embeddings; "
+        "slide_representations()['image_embedding'])"),
     "titan": SlideEncoderConfig(
         TitanSlideEncoder, remap_titan, titan_sizes,
         {"in_dim": 768, "dim": 768, "depth": 6, "heads": 12, "pool_heads": 8,
