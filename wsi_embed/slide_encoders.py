@@ -266,8 +266,13 @@ class SlidePresetRow:
     note: str
 
 
+def _architecture(c: SlideEncoderConfig) -> str:
+    with torch.device("meta"):  # the class name, without allocating the weights
+        return type(c.build(**c.default_sizes)).__name__
+
+
 def slide_registry_table() -> list[SlidePresetRow]:
-    return [SlidePresetRow(n, type(c.build(**c.default_sizes)).__name__, c.patch_encoder,
+    return [SlidePresetRow(n, _architecture(c), c.patch_encoder,
                            c.patch_px, c.mpp, c.needs_coords, c.dim,
                            f"hf:{c.hf_repo}" if c.hf_repo else "manual download (see note)",
                            c.licence, c.note)
