@@ -125,3 +125,27 @@ def test_slide_embeddings_of_two_slide_encoders_are_not_mixed(tmp_path):
     r = cli("train", "--features", tmp_path / "emb", "--labels", tmp_path / "emb" /
             "labels.csv", "--out", tmp_path / "m", "--head", "linear")
     assert r.exit_code == 2 and "mixes features of different encoders" in r.output
+
+
+def test_a_coords_encoder_gets_the_grid_at_the_features_patch_size(tmp_path):
+    """TITAN lays patches on a grid of `patch_size_level0` (from the features file): the
+    command's embedding equals the model's on those coords and that size."""
+    weights = FIXTURE.parent / "titan" / "model.safetensors"  # TITAN reduced: 96-d input
+    feats = tmp_path / "features"
+    xs = {f"t{i}": patch_features(feats, f"t{i}", 25 + i, encoder="conch_v1_5", px=512,
+                                  mpp=0.5, dim=96, seed=i) for i in range(2)}
+    out = tmp_path / "out"
+    r = cli("encode-slides", "--features", feats, "--slide-encoder", "titan", "--out", out,
+            "--weights", weights, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    model, _ = load_slide_encoder("titan", str(weights))
+    for sid, x in xs.items():
+        with h5py.File(feats / f"{sid}.h5") as f:
+            coords = torch.from_numpy(f["coords"][:])
+        with h5py.File(out / "slide_features" / "titan" / f"{sid}.h5") as f:
+            z = f["features"][()]
+        with torch.inference_mode():
+            want = model.encode(torch.from_numpy(x), coords, 1024).numpy()
+            other = model.encode(torch.from_numpy(x), coords, 512).numpy()
+        np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(z, other, atol=1e-4)  # the grid step matters
