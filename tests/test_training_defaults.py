@@ -117,6 +117,15 @@ def test_a_seed_ensemble_is_its_members_mean_and_reproducible(tmp_path):
             runs.append([(r["slide_id"], r["prediction"], r["prob_1"])
                          for r in csv.DictReader(fh)])
     assert runs[0] == runs[1]
+    # cross-fitting: each member stops on its own validation slides; together they hold out
+    # every training slide of the fold, and never one of its test slides
+    splits = json.loads((tmp_path / "m0" / "splits.json").read_text())
+    for fold in json.loads((tmp_path / "m0" / "metrics.json").read_text())["folds"]:
+        split = splits[f"fold_{fold['fold']}"]
+        held = [set(v) for v in fold["member_val_slides"]]
+        assert len({frozenset(h) for h in held}) == 3
+        assert set().union(*held) == set(split["train"]) | set(split["val"])
+        assert not set().union(*held) & set(split["test"])
     model, _ = load_model(tmp_path / "m0" / "model.pt")
     assert len(model.members) == 3 and model.threshold is not None
     with open(tmp_path / "c0" / "predictions.csv", newline="") as fh:

@@ -327,25 +327,52 @@ def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Mod
     return best[1], best[2], best[3]
 
 
+def member_splits(split: dict[str, list[str]], t: LabelTable, seeds: int, seed: int
+                  ) -> list[dict[str, list[str]]]:
+    """Each ensemble member its own validation part (cross-fitting): the split's train and
+    validation slides cut into min(seeds, 5) patient-level stratified parts, member j holding
+    out part j mod that, so the ensemble learns from every slide and each member still stops
+    and calibrates on slides it never trained on. A CSV's own split column is kept as it is."""
+    if seeds < 2 or t.splits is not None:
+        return [split]
+    pos = {s: i for i, s in enumerate(t.slide_ids)}
+    rest = np.array(sorted(pos[s] for s in split["train"] + split["val"]))
+    fewest = min(_patients_per_class(rest, t).values())
+    k = min(seeds, 5, fewest)
+    if k < 2:
+        return [split]
+    ids = np.array(t.slide_ids)
+    return [{**split, "train": ids[tr].tolist(), "val": ids[va].tolist()}
+            for tr, va in _group_split(rest, t, k, seed + 7)]
+
+
 def fit_members(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
                 cfg: TrainConfig, seed: int, device, desc: str) -> tuple[Ensemble, dict]:
-    """`seeds` members on one split (an ensemble), the binary decision threshold chosen on
-    the ensemble's validation probabilities (Youden)."""
+    """`seeds` members on one split (an ensemble), each with its own validation part
+    (`member_splits`); the binary decision threshold chosen (Youden) on the validation
+    probabilities of the members that held each slide out."""
     chosen = {}
     if cfg.tune:
         cfg, spec, chosen = tuned(store, split, t, spec, cfg, seed, device, desc)
     members, infos = [], []
+    parts = member_splits(split, t, cfg.seeds, seed)
+    oof: dict[str, list[np.ndarray]] = {}
     for j in range(cfg.seeds):
-        m, info = fit(store, split, t, spec, cfg, seed + 1000 * j, device,
+        part = parts[j % len(parts)]
+        m, info = fit(store, part, t, spec, cfg, seed + 1000 * j, device,
                       desc if cfg.seeds == 1 else f"{desc} seed {j}")
         members.append(m)
-        infos.append(info)
+        infos.append(info | {"val_slides": part["val"]})
+        if t.task == Task.CLASSIFICATION and t.groups is None and len(t.classes) == 2:
+            for s, p in zip(part["val"], predict_ids(m, store, part["val"], device),
+                            strict=True):
+                oof.setdefault(s, []).append(p)
     model = Ensemble(members)
-    if t.task == Task.CLASSIFICATION and t.groups is None and len(t.classes) == 2:
+    if oof:
         label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
-        p = predict_ids(model, store, split["val"], device)
-        model.threshold = youden_threshold(np.array([label[s] for s in split["val"]]),
-                                           p[:, 1])
+        held = sorted(oof)
+        p1 = np.array([np.mean(oof[s], 0)[1] for s in held])
+        model.threshold = youden_threshold(np.array([label[s] for s in held]), p1)
     return model, {"members": infos, "tuned": chosen, "threshold": model.threshold}
 
 
@@ -539,6 +566,7 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
             "best_epoch": first["best_epoch"], "stop_reason": first["stop_reason"],
             "still_improving": any(i["still_improving"] for i in info["members"]),
             "temperature": [i["temperature"] for i in info["members"]],
+            "member_val_slides": [i["val_slides"] for i in info["members"]],
             "tuned": info["tuned"]}
         per_fold.append(m)
         fits.append(first)
