@@ -502,3 +502,32 @@ def test_a_report_that_cannot_be_written_stops_the_run_with_one_line(tmp_path):
     report._w = csv.DictWriter(report._fh, report.columns)
     with pytest.raises(ReportError, match="No space left on device"):
         report.add({"slide_id": "a", "status": "ok"})
+
+
+def test_a_run_ending_during_another_runs_merge_is_not_hidden(tmp_path, monkeypatch):
+    """Shards of an array end together. Run A reads the run reports while B still has a
+    slide to go; B then ends and rebuilds the merged view; A's rename of its view (built
+    from the older read) would come last and hide B's last slide. The interleaving is forced
+    by running B's end inside A's read (real files, real reports)."""
+    from wsi_embed import report as rep
+
+    merged = tmp_path / "tile_report.csv"
+    a = rep.RunReport(merged, ["slide_id", "status"], "tile")
+    b = rep.RunReport(merged, ["slide_id", "status"], "tile")
+    a.add({"slide_id": "s1", "status": "ok"})
+    b.add({"slide_id": "s2", "status": "ok"})
+    real, raced = rep.merge_rows, []
+
+    def read_then_b_ends(paths):
+        rows = real(paths)
+        if not raced:
+            raced.append(True)
+            b.add({"slide_id": "s3", "status": "ok"})
+            b.close()
+        return rows
+
+    monkeypatch.setattr(rep, "merge_rows", read_then_b_ends)
+    a.close()
+    with open(merged, newline="") as fh:
+        rows = {r["slide_id"]: r["status"] for r in csv.DictReader(fh)}
+    assert raced and rows == {"s1": "ok", "s2": "ok", "s3": "ok"}

@@ -278,15 +278,27 @@ def status_lines(out: Path) -> list[str]:
     return lines or [f"no run reports in {out / 'reports'}"]
 
 
+#: rebuilds of the merged view while other runs keep ending (each end renames its report)
+MERGE_ATTEMPTS = 20
+
+
 def write_merged(merged: Path, columns: list[str]) -> None:
-    """Rebuild the merged view (atomically: a concurrent run rebuilding it too loses
-    nothing, as each reads every run's report)."""
-    rows, have = merge_rows(run_reports(merged))
-    cols = columns + [c for c in have if c not in columns]
-    try:
-        with atomic_file(merged) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    except OSError as e:
-        raise ReportError(f"cannot write the merged report {merged}: {e}") from None
+    """Rebuild the merged view, atomically, until no run ended while it was being rebuilt.
+    Shards of an array often end together: a run that read the run reports before another
+    run's final rows, then renamed its view into place after that run's rebuild, would hide
+    those rows. A run's report is final once renamed, so an unchanged list of names after the
+    write means the view holds every ended run. No file lock: they fail on some cluster file
+    systems."""
+    for _ in range(MERGE_ATTEMPTS):
+        runs = run_reports(merged)
+        rows, have = merge_rows(runs)
+        cols = columns + [c for c in have if c not in columns]
+        try:
+            with atomic_file(merged) as tmp, open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, cols, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        except OSError as e:
+            raise ReportError(f"cannot write the merged report {merged}: {e}") from None
+        if [p.name for p in run_reports(merged)] == [p.name for p in runs]:
+            return
