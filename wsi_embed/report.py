@@ -289,8 +289,8 @@ def write_merged(merged: Path, columns: list[str]) -> None:
     those rows. A run's report is final once renamed, so an unchanged list of names after the
     write means the view holds every ended run. No file lock: they fail on some cluster file
     systems."""
+    runs = run_reports(merged)
     for _ in range(MERGE_ATTEMPTS):
-        runs = run_reports(merged)
         rows, have = merge_rows(runs)
         cols = columns + [c for c in have if c not in columns]
         try:
@@ -300,5 +300,7 @@ def write_merged(merged: Path, columns: list[str]) -> None:
                 w.writerows(rows)
         except OSError as e:
             raise ReportError(f"cannot write the merged report {merged}: {e}") from None
-        if [p.name for p in run_reports(merged)] == [p.name for p in runs]:
+        now = run_reports(merged)
+        if [p.name for p in now] == [p.name for p in runs]:
             return
+        runs = now
