@@ -102,6 +102,9 @@ def test_every_head_finds_the_witnesses(binary, tmp_path, head):
     assert r.exit_code == 0, r.output
     (fold,) = json.loads((out / "metrics.json").read_text())["folds"]
     assert fold["evaluated_on"] == "test" and fold["n"] >= 12 and fold["auc"] >= 0.95, fold
+    # without --bag-size, the head's own: TransMIL trains on fresh random subsets
+    assert json.loads((out / "config.json").read_text())["bag_size"] == (
+        256 if head == "transmil" else 512)
     classify_matches_fold_predictions(feats, out / "model.pt",
                                       out / "folds" / "fold_0" / "predictions.csv",
                                       tmp_path / "c")

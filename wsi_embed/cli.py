@@ -661,8 +661,10 @@ def train(features: Path = typer.Option(..., "--features",
           lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (AdamW, warm-up "
                                                       "then cosine decay)."),
           weight_decay: float = typer.Option(1e-2, "--weight-decay", help="AdamW's."),
-          bag_size: int = typer.Option(512, "--bag-size",
-                                       help="Random patches per training bag (0 = all)."),
+          bag_size: int | None = typer.Option(None, "--bag-size",
+                                              help="Random patches per training bag, drawn "
+                                                   "afresh each epoch (0 = all); default 512, "
+                                                   "transmil 256."),
           batch_size: int = typer.Option(8, "--batch-size", help="Bags per step (padded)."),
           patience: int = typer.Option(20, "--patience",
                                        help="Epochs without a better validation loss before "
@@ -683,6 +685,7 @@ def train(features: Path = typer.Option(..., "--features",
           log_level: str = LOG_LEVEL) -> None:
     """Train a slide-level head with cross-validation; writes model.pt and metrics."""
     from .bags import scan_features
+    from .heads import default_bag_size
     from .train import TrainConfig, run_train
 
     _setup_logging(log_level)
@@ -694,6 +697,8 @@ def train(features: Path = typer.Option(..., "--features",
     names = tuple(c.strip() for c in targets.split(",") if c.strip()) if targets else (target,)
     if not names:
         raise UsageError("--targets names no column; give col1,col2,...")
+    if bag_size is None:
+        bag_size = default_bag_size(head)
     cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay, bag_size or None, batch_size,
                       seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
                       task=task, targets=names, time=time, event=event,

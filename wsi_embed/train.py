@@ -60,7 +60,7 @@ class TrainConfig:
     epochs: int = 200  # the most; early stopping decides
     lr: float = 2e-4
     weight_decay: float = 1e-2
-    bag_size: int | None = 512
+    bag_size: int | None = 512  # None: all patches; the CLI takes heads.default_bag_size
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"

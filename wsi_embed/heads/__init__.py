@@ -34,6 +34,15 @@ SLIDE_EMBEDDING_HEADS = ("linear", "mlp")
 #: TransMIL's last-layer class-token attention ignores its first layer and PPEG's mixing
 ATTENTION_MAPS = ("abmil", "resampler", "clam-sb")
 
+#: random patches per training bag unless --bag-size says otherwise; TransMIL memorises
+#: whole bags of a few hundred patches, and fresh random subsets each epoch prevent it
+BAG_SIZE = {"transmil": 256}
+DEFAULT_BAG_SIZE = 512
+
+
+def default_bag_size(head: str) -> int:
+    return BAG_SIZE.get(head, DEFAULT_BAG_SIZE)
+
 
 def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) -> nn.Module:
     """A head by name, for `in_dim` features and `n_classes` outputs."""
@@ -42,5 +51,5 @@ def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) ->
     return HEADS[name](in_dim, n_classes, dropout=dropout)
 
 
-__all__ = ["ATTENTION_MAPS", "HEADS", "SLIDE_EMBEDDING_HEADS", "HeadOutput", "build_head",
-           "masked_softmax"]
+__all__ = ["ATTENTION_MAPS", "BAG_SIZE", "DEFAULT_BAG_SIZE", "HEADS", "SLIDE_EMBEDDING_HEADS",
+           "HeadOutput", "build_head", "default_bag_size", "masked_softmax"]
