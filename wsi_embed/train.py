@@ -29,7 +29,7 @@ from .choices import RegressionLoss, SurvivalLoss, Task
 from .devices import pick_device
 from .errors import TrainError
 from .h5io import atomic_file, remove_stale_tmp, tmp_path
-from .heads import HEADS
+from .heads import DEFAULT_BAG_SIZE, HEADS
 from .labels import LabelTable, TargetSpec, read_labels
 from .report import clock, progress_bar
 from .slide_model import Ensemble, ModelSpec, SlideModel, bag_logits, predict_bag, save_model
@@ -60,7 +60,7 @@ class TrainConfig:
     epochs: int = 200  # the most; early stopping decides
     lr: float = 2e-4
     weight_decay: float = 1e-2
-    bag_size: int | None = 512  # None: all patches; the CLI takes heads.default_bag_size
+    bag_size: int | None = DEFAULT_BAG_SIZE  # None: all patches; the CLI: default_bag_size
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
