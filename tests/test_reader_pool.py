@@ -91,3 +91,21 @@ def test_a_reader_stuck_on_one_task_is_stopped_and_only_its_slide_fails(tmp_path
         assert got[2][1] is None and got[2][0] is not None
     finally:
         pool.close()
+
+
+def test_a_process_whose_pool_closed_with_tasks_still_queued_exits(tmp_path):
+    """Ctrl-C while tasks wait in the queue (its reader stopped, none read): closing the pool
+    must not leave the process waiting at exit to flush them into a pipe nobody reads."""
+    import subprocess
+    import sys
+
+    script = (
+        "from wsi_embed.extract.sources import ReaderPool\n"
+        "pool = ReaderPool(1, 1, 8, 1)\n"
+        "pool.procs[0].kill(); pool.procs[0].join()\n"
+        "for _ in range(200): pool.task_q.put(bytes(10_000))  # 2 MB: more than a pipe holds\n"
+        "pool.close()\n"
+        "print('closed', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0 and "closed" in proc.stdout, proc.stderr

@@ -183,10 +183,15 @@ class ReaderPool:
         self.results.put(item)
 
     def _kill(self) -> None:
+        """Stop the readers and abandon their queues: what is still queued will never be
+        read, and a process must not wait at exit to flush it into a full pipe (a Ctrl-C
+        with tasks queued would hang there)."""
         for p in self.procs:
             p.kill()
         for p in self.procs:
             p.join(timeout=10)
+        for q in (self.task_q, self.done_q, self.free_q):
+            q.cancel_join_thread()
 
     def _restart(self, dead: list, hung: bool = False) -> None:
         """Replace every reader after one died (or hung: then its slide fails at once); see
