@@ -35,15 +35,15 @@ def train(outcomes, out, *args):
 @pytest.mark.parametrize("head", [h for h in HEADS if h not in SLIDE_EMBEDDING_HEADS])
 def test_every_head_learns_survival(outcomes, tmp_path, head):
     """The witness fraction sets the hazard (censored times included): every head ranks
-    slides by risk in 5-fold CV; folds are stratified by event; the risk written per slide
+    slides by risk in 3-fold CV; folds are stratified by event; the risk written per slide
     is what the C-index was computed on."""
-    m = train(outcomes, tmp_path / "m", *SURVIVAL, "--head", head)
-    assert m["task"] == "survival" and len(m["folds"]) == 5
+    m = train(outcomes, tmp_path / "m", *SURVIVAL, "--head", head, "--folds", 3)
+    assert m["task"] == "survival" and len(m["folds"]) == 3
     assert m["summary"]["c_index"]["mean"] >= 0.75, [f["c_index"] for f in m["folds"]]
     oof = read_csv(tmp_path / "m" / "oof_predictions.csv")
     assert {"slide_id", "fold", "time", "event", "risk"} <= set(oof[0])
-    events = [sum(int(r["event"]) for r in oof if r["fold"] == str(k)) for k in range(5)]
-    assert min(events) >= 5, events  # stratified: each test fold has events
+    events = [sum(int(r["event"]) for r in oof if r["fold"] == str(k)) for k in range(3)]
+    assert max(events) - min(events) <= 2, events  # stratified by event
     fold0 = [r for r in oof if r["fold"] == "0"]
     assert c_index(np.array([float(r["time"]) for r in fold0]),
                    np.array([int(r["event"]) for r in fold0]),

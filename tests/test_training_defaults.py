@@ -136,3 +136,43 @@ def test_a_seed_ensemble_is_its_members_mean_and_reproducible(tmp_path):
         np.testing.assert_allclose(predict_bag(model, x)[0], members, atol=1e-6)
         assert abs(float(rows[sid]["prob_1"]) - members[1]) < 1e-5
         assert rows[sid]["prediction"] == str(decide(members, model.threshold))
+
+
+def test_tune_searches_bag_size_on_validation_only_and_trains_with_its_choice(tmp_path,
+                                                                           monkeypatch):
+    """`--tune` (a two-setting grid here: the bag size and the learning rate differ): every
+    tuning fit learns and stops on the fold's train and validation slides only, the fold
+    keeps the setting of the lowest validation loss, and its members train with it."""
+    from wsi_embed import train
+
+    grid = {"lr": (1e-3, 5e-3), "weight_decay": (1e-4,), "dropout": (0.1,),
+            "bag_size": (8, 32)}
+    assert set(grid) == set(train.TUNE_GRID)  # bag size is searched by the real grid too
+    monkeypatch.setattr(train, "TUNE_GRID", grid)
+    fits, real_fit = [], train.fit
+
+    def recorded(store, split, t, spec, cfg, seed, device, desc):
+        model, info = real_fit(store, split, t, spec, cfg, seed, device, desc)
+        fits.append((desc, set(split["train"]), set(split["val"]), cfg, info["best_val_loss"]))
+        return model, info
+
+    monkeypatch.setattr(train, "fit", recorded)
+    bags = cohort(tmp_path / "b", n=40)
+    out = tmp_path / "m"
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--out", out, "--folds", 2, "--seeds", 1, "--epochs", 15, "--tune")
+    assert r.exit_code == 0, r.output
+    splits = json.loads((out / "splits.json").read_text())
+    folds = json.loads((out / "metrics.json").read_text())["folds"]
+    for fold in folds:
+        k, split = fold["fold"], splits[f"fold_{fold['fold']}"]
+        tuning = [f for f in fits if f[0] == f"fold {k} tune"]
+        assert len(tuning) == 4
+        for _, seen_train, seen_val, _, _ in tuning:
+            assert seen_train == set(split["train"]) and seen_val == set(split["val"])
+        best = min(tuning, key=lambda f: f[4])[3]
+        assert fold["tuned"] == {"lr": best.lr, "weight_decay": 1e-4, "dropout": 0.1,
+                                 "bag_size": best.bag_size}
+        member = [f for f in fits if f[0].startswith(f"fold {k}") and "tune" not in f[0]]
+        assert member and all(f[3].bag_size == best.bag_size and f[3].lr == best.lr
+                               for f in member)

@@ -673,8 +673,8 @@ def train(features: Path = typer.Option(..., "--features",
                                     help="Models per fold, averaged (an ensemble); 0: 5 for "
                                          "cohorts under 300 slides, else 1."),
           tune: bool = typer.Option(False, "--tune",
-                                    help="Pick lr, weight decay and dropout on each fold's "
-                                         "validation part (12 settings; slow)."),
+                                    help="Pick lr, weight decay, dropout and bag size on "
+                                         "each fold's validation part (24 settings; slow)."),
           seed: int = typer.Option(0, "--seed", help="Seed of splits and training."),
           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
           cache_gb: float = typer.Option(8.0, "--cache-gb",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
@@ -305,24 +306,29 @@ def _raw_logits(model: SlideModel, store: BagStore, ids: list[str], device) -> t
                       for s in ids])
 
 
-#: the small search of `--tune`: what matters most for MIL heads, judged on validation only
-TUNE_GRID = {"lr": (1e-4, 5e-4, 2e-3), "weight_decay": (1e-4, 1e-2), "dropout": (0.1, 0.25)}
+#: the small search of `--tune`: what matters most for MIL heads, judged on validation only.
+#: Bag size is the patches drawn per training bag (smaller bags are never subsampled).
+TUNE_GRID = {"lr": (1e-4, 5e-4, 2e-3), "weight_decay": (1e-4, 1e-2), "dropout": (0.1, 0.25),
+             "bag_size": (128, 512)}
+
+
+def tune_settings() -> list[dict]:
+    """Every setting of `TUNE_GRID`, as keyword dicts."""
+    return [dict(zip(TUNE_GRID, values, strict=True))
+            for values in itertools.product(*TUNE_GRID.values())]
 
 
 def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
           cfg: TrainConfig, seed: int, device, desc: str) -> tuple[TrainConfig, ModelSpec, dict]:
     """The grid setting with the lowest validation loss on this split's validation part
     (its test part is never seen)."""
-    import itertools
-
     best = (math.inf, cfg, spec, {})
-    for lr, wd, drop in itertools.product(*TUNE_GRID.values()):
-        c = replace(cfg, lr=lr, weight_decay=wd, dropout=drop)
-        sp = replace(spec, dropout=drop)
+    for setting in tune_settings():
+        c = replace(cfg, **setting)
+        sp = replace(spec, dropout=setting["dropout"])
         _, info = fit(store, split, t, sp, c, seed, device, f"{desc} tune")
         if info["best_val_loss"] < best[0]:
-            best = (info["best_val_loss"], c, sp, {"lr": lr, "weight_decay": wd,
-                                                   "dropout": drop})
+            best = (info["best_val_loss"], c, sp, setting)
     log.info("%s: tuned on validation: %s", desc, best[3])
     return best[1], best[2], best[3]
 
