@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from torch import nn
 from typer.testing import CliRunner
 
@@ -27,6 +29,16 @@ TCGA = DATA / "tcga-cr-7395-01a-01-ts1.svs"
 NDPI = DATA / "fluorescence-dapi-40x.ndpi"
 KIDNEY = DATA / "kidney-ihc-1493x901.tif"
 DICOM = DATA / "bone-marrow-957x715.dcm"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores (and so do the processes
+    its tests start): two workers of two threads on two cores spin against each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def cli(*args: str):

@@ -39,9 +39,10 @@ def test_bags_smaller_than_any_top_k_train(name, n):
 
 @pytest.mark.parametrize("name", list(HEADS))
 def test_a_100k_patch_bag_runs_in_linear_memory(name):
-    """An O(N²) attention would need 40 GB here; every head must stay linear in N."""
+    """An O(N²) attention would need 40 GB here; every head must stay linear in N. TransMIL
+    (the slowest) gets 50,000 patches: its 8 heads' full attention would need 80 GB."""
     head = build_head(name, 32, 2).eval()
-    n = 100_000
+    n = 50_000 if name == "transmil" else 100_000
     with torch.inference_mode():
         out = head(torch.randn(1, n, 32), torch.ones(1, n, dtype=torch.bool))
     assert out.logits.shape == (1, 2) and torch.isfinite(out.logits).all()
