@@ -13,6 +13,7 @@ import pytest
 from wsi_embed.bags import BagStore, scan_features
 from wsi_embed.heads import HEADS, SLIDE_EMBEDDING_HEADS
 from wsi_embed.synthetic import write_witness_bags
+from wsi_embed.train import TrainConfig
 
 from .conftest import cli
 
@@ -103,8 +104,9 @@ def test_every_head_finds_the_witnesses(binary, tmp_path, head):
     (fold,) = json.loads((out / "metrics.json").read_text())["folds"]
     assert fold["evaluated_on"] == "test" and fold["n"] >= 12 and fold["auc"] >= 0.95, fold
     # without --bag-size, the head's own: TransMIL trains on fresh random subsets
-    assert json.loads((out / "config.json").read_text())["bag_size"] == (
-        256 if head == "transmil" else 512)
+    config = json.loads((out / "config.json").read_text())
+    assert config["bag_size"] == (256 if head == "transmil" else 512)
+    assert TrainConfig(out, head).bag_size == config["bag_size"]  # the Python API's too
     classify_matches_fold_predictions(feats, out / "model.pt",
                                       out / "folds" / "fold_0" / "predictions.csv",
                                       tmp_path / "c")

@@ -685,7 +685,6 @@ def train(features: Path = typer.Option(..., "--features",
           log_level: str = LOG_LEVEL) -> None:
     """Train a slide-level head with cross-validation; writes model.pt and metrics."""
     from .bags import scan_features
-    from .heads import default_bag_size
     from .train import TrainConfig, run_train
 
     _setup_logging(log_level)
@@ -697,9 +696,8 @@ def train(features: Path = typer.Option(..., "--features",
     names = tuple(c.strip() for c in targets.split(",") if c.strip()) if targets else (target,)
     if not names:
         raise UsageError("--targets names no column; give col1,col2,...")
-    if bag_size is None:
-        bag_size = default_bag_size(head)
-    cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay, bag_size or None, batch_size,
+    cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay,
+                      "head" if bag_size is None else bag_size or None, batch_size,
                       seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
                       task=task, targets=names, time=time, event=event,
                       survival_loss=survival_loss, bins=bins, regression_loss=regression_loss,

@@ -30,7 +30,7 @@ from .choices import RegressionLoss, SurvivalLoss, Task
 from .devices import pick_device
 from .errors import TrainError
 from .h5io import atomic_file, remove_stale_tmp, tmp_path
-from .heads import DEFAULT_BAG_SIZE, HEADS
+from .heads import HEADS, default_bag_size
 from .labels import LabelTable, TargetSpec, read_labels
 from .report import clock, progress_bar
 from .slide_model import Ensemble, ModelSpec, SlideModel, bag_logits, predict_bag, save_model
@@ -61,7 +61,7 @@ class TrainConfig:
     epochs: int = 200  # the most; early stopping decides
     lr: float = 2e-4
     weight_decay: float = 1e-2
-    bag_size: int | None = DEFAULT_BAG_SIZE  # None: all patches; the CLI: default_bag_size
+    bag_size: int | str | None = "head"  # "head": the head's own (heads.BAG_SIZE); None: all
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
@@ -81,6 +81,11 @@ class TrainConfig:
     patient_bags: bool = False  # a patient's slides form one bag; patients are predicted
     multi_head: bool = False  # several --targets: one model with a head per target
     bootstrap: int | None = None  # CI resamples of statistics/ (None: stats.BOOTSTRAP)
+
+    def __post_init__(self):
+        """The head's bag size resolved once, so every fit and config.json see the number."""
+        if self.bag_size == "head":
+            object.__setattr__(self, "bag_size", default_bag_size(self.head))
 
     def target_spec(self, target: str | None = None) -> TargetSpec:
         return TargetSpec(self.task, target or self.targets[0], self.time, self.event)
