@@ -31,6 +31,12 @@ KIDNEY = DATA / "kidney-ihc-1493x901.tif"
 DICOM = DATA / "bone-marrow-957x715.dcm"
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 8 (each imports torch; a 64-core server would
+    spend more on starting workers than it saves)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def pytest_configure(config):
     """Under pytest-xdist each worker gets its share of the cores (and so do the processes
     its tests start): two workers of two threads on two cores spin against each other."""
