@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from wsi_embed.cli import app
@@ -140,7 +139,7 @@ def dicom_series(folder: Path, factors: tuple[int, ...] = (1, 2), new_series: bo
     return paths
 
 
-class ChannelMean(nn.Module):
+class ChannelMean(torch.nn.Module):
     """A test encoder whose output is a known function of the pixels: per-channel means in
     [0, 1]. Features of different patches differ, so a swapped or shifted row shows (random
     weights give nearly equal features for any tissue)."""

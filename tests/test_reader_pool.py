@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -96,9 +98,6 @@ def test_a_reader_stuck_on_one_task_is_stopped_and_only_its_slide_fails(tmp_path
 def test_a_process_whose_pool_closed_with_tasks_still_queued_exits(tmp_path):
     """Ctrl-C while tasks wait in the queue (its reader stopped, none read): closing the pool
     must not leave the process waiting at exit to flush them into a pipe nobody reads."""
-    import subprocess
-    import sys
-
     script = (
         "from wsi_embed.extract.sources import ReaderPool\n"
         "pool = ReaderPool(1, 1, 8, 1)\n"

@@ -51,5 +51,5 @@ def build_head(name: str, in_dim: int, n_classes: int, dropout: float = 0.25) ->
     return HEADS[name](in_dim, n_classes, dropout=dropout)
 
 
-__all__ = ["ATTENTION_MAPS", "BAG_SIZE", "DEFAULT_BAG_SIZE", "HEADS", "SLIDE_EMBEDDING_HEADS",
+__all__ = ["ATTENTION_MAPS", "BAG_SIZE", "HEADS", "SLIDE_EMBEDDING_HEADS",
            "HeadOutput", "build_head", "default_bag_size", "masked_softmax"]
