@@ -140,13 +140,14 @@ def test_a_seed_ensemble_is_its_members_mean_and_reproducible(tmp_path):
 
 def test_tune_searches_bag_size_on_validation_only_and_trains_with_its_choice(tmp_path,
                                                                            monkeypatch):
-    """`--tune` (a two-setting grid here: the bag size and the learning rate differ): every
+    """`--tune` (a small grid here: the bag size and the learning rate differ): every
     tuning fit learns and stops on the fold's train and validation slides only, the fold
-    keeps the setting of the lowest validation loss, and its members train with it."""
+    keeps the setting of the lowest validation loss, and its members train with it. Bag
+    sizes of 64 and 128 both take whole bags of these 20-40 patches: only 64 is fitted."""
     from wsi_embed import train
 
     grid = {"lr": (1e-3, 5e-3), "weight_decay": (1e-4,), "dropout": (0.1,),
-            "bag_size": (8, 32)}
+            "bag_size": (8, 64, 128)}
     assert set(grid) == set(train.TUNE_GRID)  # bag size is searched by the real grid too
     monkeypatch.setattr(train, "TUNE_GRID", grid)
     fits, real_fit = [], train.fit
@@ -168,6 +169,8 @@ def test_tune_searches_bag_size_on_validation_only_and_trains_with_its_choice(tm
         k, split = fold["fold"], splits[f"fold_{fold['fold']}"]
         tuning = [f for f in fits if f[0] == f"fold {k} tune"]
         assert len(tuning) == 4
+        assert sorted((f[3].lr, f[3].bag_size) for f in tuning) == [
+            (1e-3, 8), (1e-3, 64), (5e-3, 8), (5e-3, 64)]
         for _, seen_train, seen_val, _, _ in tuning:
             assert seen_train == set(split["train"]) and seen_val == set(split["val"])
         best = min(tuning, key=lambda f: f[4])[3]

@@ -674,7 +674,8 @@ def train(features: Path = typer.Option(..., "--features",
                                          "cohorts under 300 slides, else 1."),
           tune: bool = typer.Option(False, "--tune",
                                     help="Pick lr, weight decay, dropout and bag size on "
-                                         "each fold's validation part (24 settings; slow)."),
+                                         "each fold's validation part (24 settings, fewer when "
+                                         "bags are small; slow)."),
           seed: int = typer.Option(0, "--seed", help="Seed of splits and training."),
           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
           cache_gb: float = typer.Option(8.0, "--cache-gb",

@@ -317,10 +317,20 @@ TUNE_GRID = {"lr": (1e-4, 5e-4, 2e-3), "weight_decay": (1e-4, 1e-2), "dropout": 
              "bag_size": (128, 512)}
 
 
-def tune_settings() -> list[dict]:
-    """Every setting of `TUNE_GRID`, as keyword dicts."""
-    return [dict(zip(TUNE_GRID, values, strict=True))
-            for values in itertools.product(*TUNE_GRID.values())]
+def tune_settings(largest_bag: int | None = None) -> list[dict]:
+    """Every setting of `TUNE_GRID`, as keyword dicts. Bag sizes of at least `largest_bag`
+    patches all mean whole bags: only the first of such otherwise equal settings is kept,
+    so cohorts of small bags do not fit the same model twice."""
+    out, seen = [], set()
+    for values in itertools.product(*TUNE_GRID.values()):
+        setting = dict(zip(TUNE_GRID, values, strict=True))
+        whole = largest_bag is not None and setting["bag_size"] >= largest_bag
+        key = tuple(setting.items()) if not whole else (
+            *((k, v) for k, v in setting.items() if k != "bag_size"), ("bag_size", "all"))
+        if key not in seen:
+            seen.add(key)
+            out.append(setting)
+    return out
 
 
 def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
@@ -328,7 +338,8 @@ def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Mod
     """The grid setting with the lowest validation loss on this split's validation part
     (its test part is never seen)."""
     best = (math.inf, cfg, spec, {})
-    for setting in tune_settings():
+    largest = max(store.n_patches(s) for s in split["train"])
+    for setting in tune_settings(largest):
         c = replace(cfg, **setting)
         sp = replace(spec, dropout=setting["dropout"])
         _, info = fit(store, split, t, sp, c, seed, device, f"{desc} tune")
