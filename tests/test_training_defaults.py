@@ -179,3 +179,31 @@ def test_tune_searches_bag_size_on_validation_only_and_trains_with_its_choice(tm
         member = [f for f in fits if f[0].startswith(f"fold {k}") and "tune" not in f[0]]
         assert member and all(f[3].bag_size == best.bag_size and f[3].lr == best.lr
                                for f in member)
+
+
+def test_tune_keeps_a_bag_size_the_user_gave(tmp_path, monkeypatch):
+    """`--tune --bag-size 8`: the user's bag size is not searched over; every tuning fit and
+    every member draws 8 patches per bag, and only the other settings are compared."""
+    from wsi_embed import train
+
+    monkeypatch.setattr(train, "TUNE_GRID", {"lr": (1e-3, 5e-3), "weight_decay": (1e-4,),
+                                             "dropout": (0.1,), "bag_size": (64, 128)})
+    fits, real_fit = [], train.fit
+
+    def recorded(store, split, t, spec, cfg, seed, device, desc):
+        fits.append((desc, cfg))
+        return real_fit(store, split, t, spec, cfg, seed, device, desc)
+
+    monkeypatch.setattr(train, "fit", recorded)
+    bags = cohort(tmp_path / "b", n=24)
+    out = tmp_path / "m"
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--out", out, "--folds", 2, "--seeds", 1, "--epochs", 4, "--tune",
+            "--bag-size", 8)
+    assert r.exit_code == 0, r.output
+    tuning = [c for d, c in fits if d.endswith("tune")]
+    # 2 folds and the final model, 2 settings each: the bag sizes of the grid are not tried
+    assert sorted(c.lr for c in tuning) == [1e-3] * 3 + [5e-3] * 3
+    assert all(c.bag_size == 8 for _, c in fits)
+    for fold in json.loads((out / "metrics.json").read_text())["folds"]:
+        assert "bag_size" not in fold["tuned"]

@@ -675,7 +675,7 @@ def train(features: Path = typer.Option(..., "--features",
           tune: bool = typer.Option(False, "--tune",
                                     help="Pick lr, weight decay, dropout and bag size on "
                                          "each fold's validation part (24 settings, fewer when "
-                                         "bags are small; slow)."),
+                                         "bags are small or --bag-size is given; slow)."),
           seed: int = typer.Option(0, "--seed", help="Seed of splits and training."),
           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
           cache_gb: float = typer.Option(8.0, "--cache-gb",
@@ -700,6 +700,7 @@ def train(features: Path = typer.Option(..., "--features",
     cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay,
                       "head" if bag_size is None else bag_size or None, batch_size,
                       seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
+                      tune_bag_size=bag_size is None,
                       task=task, targets=names, time=time, event=event,
                       survival_loss=survival_loss, bins=bins, regression_loss=regression_loss,
                       patient_bags=patient_bags, multi_head=multi_head)

@@ -70,6 +70,7 @@ class TrainConfig:
     cache_gb: float = 8.0
     seeds: int = 1  # members of each fold's ensemble (the CLI picks 5 for small cohorts)
     tune: bool = False
+    tune_bag_size: bool = True  # --tune searches bag size too (False: --bag-size was given)
     warmup_epochs: float = 0.0  # 0: min(5, max(1, epochs / 20))
     task: Task = Task.CLASSIFICATION
     targets: tuple[str, ...] = ("label",)  # several: one model per target, shared splits
@@ -317,14 +318,16 @@ TUNE_GRID = {"lr": (1e-4, 5e-4, 2e-3), "weight_decay": (1e-4, 1e-2), "dropout": 
              "bag_size": (128, 512)}
 
 
-def tune_settings(largest_bag: int | None = None) -> list[dict]:
-    """Every setting of `TUNE_GRID`, as keyword dicts. Bag sizes of at least `largest_bag`
-    patches all mean whole bags: only the first of such otherwise equal settings is kept,
-    so cohorts of small bags do not fit the same model twice."""
+def tune_settings(largest_bag: int | None = None, bag_size: bool = True) -> list[dict]:
+    """Every setting of `TUNE_GRID`, as keyword dicts (without bag size when it is not
+    searched: the user chose it). Bag sizes of at least `largest_bag` patches all mean whole
+    bags: only the first of such otherwise equal settings is kept, so cohorts of small bags
+    do not fit the same model twice."""
+    grid = {k: v for k, v in TUNE_GRID.items() if bag_size or k != "bag_size"}
     out, seen = [], set()
-    for values in itertools.product(*TUNE_GRID.values()):
-        setting = dict(zip(TUNE_GRID, values, strict=True))
-        whole = largest_bag is not None and setting["bag_size"] >= largest_bag
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values, strict=True))
+        whole = largest_bag is not None and setting.get("bag_size", 0) >= largest_bag
         key = tuple(setting.items()) if not whole else (
             *((k, v) for k, v in setting.items() if k != "bag_size"), ("bag_size", "all"))
         if key not in seen:
@@ -339,7 +342,7 @@ def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Mod
     (its test part is never seen)."""
     best = (math.inf, cfg, spec, {})
     largest = max(store.n_patches(s) for s in split["train"])
-    for setting in tune_settings(largest):
+    for setting in tune_settings(largest, cfg.tune_bag_size):
         c = replace(cfg, **setting)
         sp = replace(spec, dropout=setting["dropout"])
         _, info = fit(store, split, t, sp, c, seed, device, f"{desc} tune")
