@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--heads", nargs="*",
                     default=["abmil", "mean", "clam-sb", "resampler", "transmil"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seed of the first repeat (to add repeats to an earlier run)")
     ap.add_argument("--jld-dir", type=Path, help="MIDatasets.jl's data folder (FOX, TIGER)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="more `wsi-embed train` options")
@@ -110,7 +112,7 @@ def main() -> None:
         folder = write_dataset(name, args.out, args.jld_dir)
         for head in args.heads:
             accs, aucs = [], []
-            for rep in range(args.repeats):
+            for rep in range(args.first_seed, args.first_seed + args.repeats):
                 out = args.out / "runs" / f"{name}-{head}-{rep}"
                 cmd = [sys.executable, "-m", "wsi_embed.cli", "train", "--features",
                        str(folder), "--labels", str(folder / "labels.csv"), "--out", str(out),
@@ -122,6 +124,8 @@ def main() -> None:
                 acc, auc = accuracy(out)
                 accs.append(acc)
                 aucs.append(auc)
+                print(f"<!-- {name} {head} seed {rep}: accuracy {acc:.3f}, AUC {auc:.3f} -->",
+                      flush=True)
             print(f"| {name} | {head} | {np.mean(accs):.3f} ± {np.std(accs):.3f} | "
                   f"{np.mean(aucs):.3f} ± {np.std(aucs):.3f} | {PAPER.get(name, '-')} |",
                   flush=True)
