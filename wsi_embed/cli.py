@@ -700,7 +700,6 @@ def train(features: Path = typer.Option(..., "--features",
     cfg = TrainConfig(out, head, folds, epochs, lr, weight_decay,
                       "head" if bag_size is None else bag_size or None, batch_size,
                       seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
-                      tune_bag_size=bag_size is None,
                       task=task, targets=names, time=time, event=event,
                       survival_loss=survival_loss, bins=bins, regression_loss=regression_loss,
                       patient_bags=patient_bags, multi_head=multi_head)

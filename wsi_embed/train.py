@@ -70,7 +70,7 @@ class TrainConfig:
     cache_gb: float = 8.0
     seeds: int = 1  # members of each fold's ensemble (the CLI picks 5 for small cohorts)
     tune: bool = False
-    tune_bag_size: bool = True  # --tune searches bag size too (False: --bag-size was given)
+    tune_bag_size: bool | None = None  # --tune searches bag size; None: unless bag_size given
     warmup_epochs: float = 0.0  # 0: min(5, max(1, epochs / 20))
     task: Task = Task.CLASSIFICATION
     targets: tuple[str, ...] = ("label",)  # several: one model per target, shared splits
@@ -84,7 +84,11 @@ class TrainConfig:
     bootstrap: int | None = None  # CI resamples of statistics/ (None: stats.BOOTSTRAP)
 
     def __post_init__(self):
-        """The head's bag size resolved once, so every fit and config.json see the number."""
+        """The head's bag size resolved once, so every fit and config.json see the number;
+        `--tune` searches bag size only when none was given (decided here, before resolving,
+        so copies made with `replace` keep the decision)."""
+        if self.tune_bag_size is None:
+            object.__setattr__(self, "tune_bag_size", self.bag_size == "head")
         if self.bag_size == "head":
             object.__setattr__(self, "bag_size", default_bag_size(self.head))
 
