@@ -125,16 +125,3 @@ class BagStore:
             return x
         return x[np.sort(rng.choice(len(x), bag_size, replace=False))]
 
-
-def feature_stats(store: BagStore, slide_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std over every patch of `slide_ids` (the training split only)."""
-    dim = next(iter(store.metas.values())).dim  # units' slides share it
-    s, ss, n = np.zeros(dim), np.zeros(dim), 0
-    for sid in slide_ids:
-        x = store.get(sid).astype(np.float64)
-        s += x.sum(0)
-        ss += (x * x).sum(0)
-        n += len(x)
-    mean = s / max(n, 1)
-    std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
-    return mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)

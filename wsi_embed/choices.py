@@ -26,6 +26,13 @@ class Threshold(StrEnum):
     VAL = "val"  # the binary threshold chosen on validation data (Youden), stored in the model
 
 
+class FeatureNorm(StrEnum):
+    """How features are scaled before a head (fitted on the training split, kept in the model)."""
+
+    ZSCORE = "zscore"  # per-dimension mean and std
+    QUANTILE = "quantile"  # per-dimension training quantiles to a standard normal
+
+
 class Task(StrEnum):
     """What a slide-level model predicts."""
 

@@ -16,6 +16,7 @@ from . import __version__, batch, slides
 from .choices import (
     DecodingMethod,
     Edge,
+    FeatureNorm,
     HistoGPTSize,
     Pooling,
     RegressionLoss,
@@ -666,6 +667,10 @@ def train(features: Path = typer.Option(..., "--features",
                                                    "afresh each epoch (0 = all); default 512, "
                                                    "transmil 256."),
           batch_size: int = typer.Option(8, "--batch-size", help="Bags per step (padded)."),
+          feature_norm: FeatureNorm = typer.Option(FeatureNorm.ZSCORE, "--feature-norm",
+                                                   help="zscore, or quantile: each dimension "
+                                                        "through its training quantiles to a "
+                                                        "normal (for heavy-tailed features)."),
           patience: int = typer.Option(20, "--patience",
                                        help="Epochs without a better validation loss before "
                                             "stopping."),
@@ -702,7 +707,8 @@ def train(features: Path = typer.Option(..., "--features",
                       seed, device, patience, cache_gb=cache_gb, seeds=seeds, tune=tune,
                       task=task, targets=names, time=time, event=event,
                       survival_loss=survival_loss, bins=bins, regression_loss=regression_loss,
-                      patient_bags=patient_bags, multi_head=multi_head)
+                      patient_bags=patient_bags, multi_head=multi_head,
+                      feature_norm=feature_norm)
     result = run_train(scan_features(features), labels, cfg)
     summaries = (result.get("per_target") or result["summary"] if len(names) > 1
                  else {names[0]: result["summary"]})

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from . import __version__
+from .choices import FeatureNorm
 from .errors import ModelError, one_line
+from .feature_norm import to_normal
 from .h5io import atomic_file
 from .heads import HeadOutput, build_head
 from .heads.mean import MeanMIL
@@ -42,9 +44,11 @@ class ModelSpec:
     n_out: int = 0  # head outputs; 0: one per class
     #: a multi-head model: [(target, its classes), ...]; `classes` then holds "target:class"
     groups: list | None = None
+    feature_norm: str = "zscore"  # see choices.FeatureNorm; model files before it: zscore
 
     def __post_init__(self):
         """A classifier has one output per class (each head's classes adding up)."""
+        FeatureNorm(self.feature_norm)  # ValueError for a value this version does not know
         if self.task == "classification":
             if self.n_out not in (0, len(self.classes)):
                 raise ValueError(f"{len(self.classes)} classes but {self.n_out} outputs")
@@ -57,10 +61,11 @@ class ModelSpec:
 
 
 class SlideModel(nn.Module):
-    """Standardise features with the training split's statistics, then apply the head."""
+    """Standardise features with the training split's statistics (z-scores, or its quantiles
+    mapped to a normal), then apply the head."""
 
     def __init__(self, spec: ModelSpec, mean: np.ndarray | None = None,
-                 std: np.ndarray | None = None):
+                 std: np.ndarray | None = None, quantiles: np.ndarray | None = None):
         super().__init__()
         self.spec = spec
         self.head = build_head(spec.head, spec.in_dim, spec.outputs, spec.dropout)
@@ -74,9 +79,19 @@ class SlideModel(nn.Module):
         # regression: the training targets' scale (the head predicts standardised values)
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
+        if spec.feature_norm == FeatureNorm.QUANTILE:
+            if quantiles is None:
+                raise ValueError("a quantile-normalised model without its quantile table")
+            self.register_buffer("quantiles", torch.as_tensor(quantiles))
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Features as the head was trained to see them."""
+        if self.spec.feature_norm == FeatureNorm.QUANTILE:
+            return to_normal(x, self.quantiles)
+        return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
-        return self.head((x - self.mean) / self.std, mask, labels)
+        return self.head(self.standardise(x), mask, labels)
 
     def output(self, logits: torch.Tensor) -> torch.Tensor:
         """What it reports: calibrated probabilities, a risk or a value (see tasks)."""
@@ -121,7 +136,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Ensemble
     try:
         members = []
         for sd in blob.get("members") or [blob["state_dict"]]:
-            m = SlideModel(ModelSpec(**blob["spec"]))
+            m = SlideModel(ModelSpec(**blob["spec"]), quantiles=sd.get("quantiles"))
             m.load_state_dict({"temperature": torch.ones(()),
                                "class_bias": torch.zeros(m.spec.outputs),
                                "target_mean": torch.zeros(()), "target_std": torch.ones(()),
@@ -190,7 +205,7 @@ def patch_contributions(model: SlideModel | Ensemble, x: np.ndarray,
     loo = isinstance(members[0].head, MeanMIL)
     for m in members:
         m.eval()
-        z = (t - m.mean) / m.std
+        z = m.standardise(t)
         if loo:
             with torch.inference_mode():
                 n = z.shape[1]

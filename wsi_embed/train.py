@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .bags import BagStore, FeatureSet, feature_stats
-from .choices import RegressionLoss, SurvivalLoss, Task
+from .bags import BagStore, FeatureSet
+from .choices import FeatureNorm, RegressionLoss, SurvivalLoss, Task
 from .devices import pick_device
 from .errors import TrainError
+from .feature_norm import feature_quantiles, feature_stats
 from .h5io import atomic_file, remove_stale_tmp, tmp_path
 from .heads import HEADS, default_bag_size
 from .labels import LabelTable, TargetSpec, read_labels
@@ -82,6 +83,7 @@ class TrainConfig:
     patient_bags: bool = False  # a patient's slides form one bag; patients are predicted
     multi_head: bool = False  # several --targets: one model with a head per target
     bootstrap: int | None = None  # CI resamples of statistics/ (None: stats.BOOTSTRAP)
+    feature_norm: FeatureNorm = FeatureNorm.ZSCORE
 
     def __post_init__(self):
         """The head's bag size resolved once, so every fit and config.json see the number;
@@ -232,7 +234,9 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     mean, std = feature_stats(store, train_ids)
-    model = SlideModel(spec, mean, std).to(device)
+    quantiles = (feature_quantiles(store, train_ids)
+                 if spec.feature_norm == FeatureNorm.QUANTILE else None)
+    model = SlideModel(spec, mean, std, quantiles).to(device)
     objective = Objective(spec, np.array([label[s] for s in train_ids]))
     if t.task == Task.REGRESSION:  # the head predicts standardised values; the model reports
         model.target_mean.fill_(objective.mean)  # them in the target's units
@@ -558,7 +562,8 @@ def _train_into(out: Path, fs: FeatureSet, labels: Path, cfg: TrainConfig, t: La
 
     spec = ModelSpec(cfg.head, fs.dim, t.classes, fs.encoder, fs.weights, cfg.dropout,
                      str(cfg.task), cfg.loss, n_outputs(cfg.task, len(t.classes), cfg.loss,
-                                                        cfg.bins), t.groups)
+                                                        cfg.bins), t.groups,
+                     str(cfg.feature_norm))
     metas = {s: fs.metas[s] for s in (t.slide_ids if t.members is None else
                                       [m for ms in t.members.values() for m in ms])}
     store = BagStore(metas, int(cfg.cache_gb * 2**30), t.members)
