@@ -45,7 +45,7 @@ def test_the_quantile_map_is_scikit_learns_and_a_tie_at_the_minimum_maps_to_its_
     q = feature_quantiles(store, ids)
     ref = QuantileTransformer(n_quantiles=1000, output_distribution="normal",
                               subsample=10**9).fit(x.astype(np.float32).astype(np.float64))
-    np.testing.assert_allclose(q, ref.quantiles_, rtol=1e-6)
+    np.testing.assert_allclose(q.T, ref.quantiles_, rtol=1e-6)
     new = np.r_[x[:300], 5 * rng.standard_cauchy((300, 3))]  # and beyond the training range
     mine = to_normal(torch.tensor(new), torch.tensor(q, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(mine, ref.transform(new), atol=1e-5)
@@ -55,7 +55,7 @@ def test_the_quantile_map_is_scikit_learns_and_a_tie_at_the_minimum_maps_to_its_
     # take the middle of their mass, as ties elsewhere do
     relu = np.r_[np.zeros(300), rng.uniform(0.1, 5.0, 700)][:, None]
     z = to_normal(torch.zeros(1, 1), torch.tensor(np.quantile(relu, np.linspace(0, 1, 1000),
-                                                              axis=0), dtype=torch.float32))
+                                                              axis=0).T, dtype=torch.float32))
     assert abs(float(z) - norm.ppf(0.15)) < 0.01
 
 
@@ -63,11 +63,11 @@ def test_large_cohorts_take_their_quantiles_from_a_fixed_sample(tmp_path):
     rng = np.random.default_rng(1)
     store, ids = store_of(tmp_path / "f", [rng.lognormal(size=(k, 4)) for k in (900, 300, 600)])
     q = feature_quantiles(store, ids, n_quantiles=1000, sample=600)
-    assert q.shape == (600, 4) and (np.diff(q, axis=0) >= 0).all()
+    assert q.shape == (4, 600) and (np.diff(q, axis=1) >= 0).all()
     np.testing.assert_array_equal(q, feature_quantiles(store, ids, 1000, 600))
     whole = feature_quantiles(store, ids, 1000, 10**6)
-    assert whole.shape == (1000, 4)
-    assert np.abs(np.median(q, 0) - np.median(whole, 0)).max() < 0.15  # the lognormal's 1.0
+    assert whole.shape == (4, 1000)
+    assert np.abs(np.median(q, 1) - np.median(whole, 1)).max() < 0.15  # the lognormal's 1.0
 
 
 def heavy_tailed_cohort(folder):
@@ -108,8 +108,8 @@ def test_quantile_norm_learns_a_heavy_tailed_signal_and_the_model_file_keeps_its
     split = json.loads((tmp_path / "q" / "splits.json").read_text())["fold_0"]
     model, _ = load_model(tmp_path / "q" / "folds" / "fold_0" / "model.pt")
     member = model.members[0]
-    assert member.quantiles.shape == (min(1000, sum(
-        len(read_features(feats / f"{s}.h5")) for s in split["train"])), 32)
+    assert member.quantiles.shape == (32, min(1000, sum(
+        len(read_features(feats / f"{s}.h5")) for s in split["train"])))
     with open(tmp_path / "q" / "folds" / "fold_0" / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["slide_id"] for r in rows] == split["test"]

@@ -233,10 +233,10 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     train_ids, val_ids = split["train"], split["val"]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    mean, std = feature_stats(store, train_ids)
-    quantiles = (feature_quantiles(store, train_ids)
-                 if spec.feature_norm == FeatureNorm.QUANTILE else None)
-    model = SlideModel(spec, mean, std, quantiles).to(device)
+    if spec.feature_norm == FeatureNorm.QUANTILE:
+        model = SlideModel(spec, quantiles=feature_quantiles(store, train_ids)).to(device)
+    else:
+        model = SlideModel(spec, *feature_stats(store, train_ids)).to(device)
     objective = Objective(spec, np.array([label[s] for s in train_ids]))
     if t.task == Task.REGRESSION:  # the head predicts standardised values; the model reports
         model.target_mean.fill_(objective.mean)  # them in the target's units
