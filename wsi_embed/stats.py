@@ -25,38 +25,21 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .bootstrap import (
+    BOOTSTRAP,
+    bootstrap_ci,
+    bootstrap_values,
+    percentile_ci,
+    weighted_auroc,
+    weighted_average_precision,
+    weighted_balanced_accuracy,
+    weighted_ci,
+)
 from .choices import Task
 from .h5io import atomic_file
 from .tasks import c_index, regression_metrics, survival_metrics
 
 log = logging.getLogger(__name__)
-
-#: bootstrap resamples behind each confidence interval
-BOOTSTRAP = 1000
-
-
-def bootstrap_ci(stat: Callable[[np.ndarray], float], patients: list[str], seed: int,
-                 n_boot: int = BOOTSTRAP, level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of `stat(rows)` over resamples of whole patients (with replacement);
-    resamples where the statistic is undefined (e.g. one class) are skipped."""
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(patients):
-        groups.setdefault(p, []).append(i)
-    rows = [np.array(v) for v in groups.values()]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(rows), len(rows))
-        try:
-            v = stat(np.concatenate([rows[k] for k in pick]))
-        except ValueError:
-            continue
-        if np.isfinite(v):
-            values.append(v)
-    if len(values) < max(10, n_boot // 10):
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
 
 
 def _with_ci(stat, patients, seed, n_boot) -> dict[str, float]:
@@ -69,6 +52,12 @@ def _with_ci(stat, patients, seed, n_boot) -> dict[str, float]:
     return {"value": point, "ci_low": lo, "ci_high": hi}
 
 
+def _value_ci(point: float, weighted: Callable[[np.ndarray], np.ndarray], patients, seed,
+              n_boot) -> dict[str, float]:
+    lo, hi = weighted_ci(weighted, patients, seed, n_boot)
+    return {"value": float(point), "ci_low": lo, "ci_high": hi}
+
+
 def classification_statistics(y: np.ndarray, probs: np.ndarray, classes: list[str],
                               patients: list[str], seed: int = 0, n_boot: int = BOOTSTRAP
                               ) -> dict:
@@ -76,16 +65,19 @@ def classification_statistics(y: np.ndarray, probs: np.ndarray, classes: list[st
     per_class = {}
     for k, c in enumerate(classes):
         pos = (y == k).astype(int)
+        auroc = roc_auc_score(pos, probs[:, k]) if 0 < pos.sum() < len(pos) else np.nan
+        auprc = average_precision_score(pos, probs[:, k]) if pos.any() else np.nan
         per_class[c] = {
-            "auroc": _with_ci(lambda i, k=k, pos=pos: roc_auc_score(pos[i], probs[i, k]),
-                              patients, seed, n_boot),
-            "auprc": _with_ci(lambda i, k=k, pos=pos:
-                              average_precision_score(pos[i], probs[i, k]) if pos[i].any()
-                              else float("nan"), patients, seed, n_boot),
+            "auroc": _value_ci(auroc, lambda w, k=k, pos=pos:
+                               weighted_auroc(pos, probs[:, k], w), patients, seed, n_boot),
+            "auprc": _value_ci(auprc, lambda w, k=k, pos=pos:
+                               weighted_average_precision(pos, probs[:, k], w),
+                               patients, seed, n_boot),
             "n_positive": int(pos.sum())}
     return {"task": "classification", "n": int(len(y)), "per_class": per_class,
-            "balanced_accuracy": _with_ci(lambda i: balanced_accuracy_score(y[i], pred[i]),
-                                          patients, seed, n_boot),
+            "balanced_accuracy": _value_ci(balanced_accuracy_score(y, pred),
+                                           lambda w: weighted_balanced_accuracy(y, pred, w),
+                                           patients, seed, n_boot),
             "f1_macro": float(f1_score(y, pred, average="macro")),
             "kappa": float(cohen_kappa_score(y, pred)),
             "confusion_matrix": {"classes": classes, "rows_true_columns_predicted":
@@ -120,9 +112,11 @@ def survival_statistics(y: np.ndarray, risk: np.ndarray, patients: list[str], se
 def regression_statistics(y: np.ndarray, pred: np.ndarray, patients: list[str], seed: int = 0,
                           n_boot: int = BOOTSTRAP) -> dict:
     out = {"task": "regression", **regression_metrics(y, pred)}
+    draws = bootstrap_values(lambda i: regression_metrics(y[i], pred[i]), patients, seed,
+                             n_boot)
     for key in ("pearson_r", "spearman_rho", "r2", "mae"):
-        out[key] = _with_ci(lambda i, key=key: regression_metrics(y[i], pred[i])[key],
-                            patients, seed, n_boot)
+        lo, hi = percentile_ci(np.array([d[key] for d in draws], float), n_boot)
+        out[key] = {"value": out[key], "ci_low": lo, "ci_high": hi}
     return out
 
 
