@@ -59,8 +59,11 @@ def wheel_csv(name: str, cache: Path) -> list[list[str]]:
 
 def write_dataset(name: str, root: Path, jld_dir: Path | None) -> Path:
     """CSV rows: label, bag id, instance features; or a JLD file. One features file per
-    bag."""
+    bag; labels.csv last, so a folder that has it is complete and is left as it is (runs
+    started side by side on one --out never rewrite files another is reading)."""
     folder = root / name
+    if (folder / "labels.csv").exists():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     bags: dict[str, list] = {}
     labels: dict[str, int] = {}
