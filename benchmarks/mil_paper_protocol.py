@@ -104,7 +104,7 @@ def repeat(bags, y, seed: int, args) -> tuple[float, float]:
 
         model, opt = fresh()
         held = held_out(tr, y, args.holdout, seed) if args.holdout else []
-        fit = np.array([i for i in tr if i not in set(held)])
+        fit = np.setdiff1d(tr, held)
         best = run_epochs(model, opt, xs, y, fit, args.epochs, seed,
                           held if args.early_stop else None)
         if args.refit:
