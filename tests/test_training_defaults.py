@@ -207,3 +207,19 @@ def test_tune_keeps_a_bag_size_the_user_gave(tmp_path, monkeypatch):
     assert all(c.bag_size == 8 for _, c in fits)
     for fold in json.loads((out / "metrics.json").read_text())["folds"]:
         assert "bag_size" not in fold["tuned"]
+
+
+def test_the_model_is_judged_after_the_warm_up(tmp_path):
+    """On this cohort the validation loss rises while the LR warms up (5 epochs of 100) and
+    the untrained network's loss at epoch 0 is the lowest for a while: early stopping must
+    neither keep that model nor count its patience from it."""
+    bags = cohort(tmp_path / "b", n=60, shift=4.0, seed=2)
+    out = tmp_path / "m"
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--out", out, "--folds", 2, "--seeds", 1, "--epochs", 100, "--patience", 3)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for fold, history in zip(metrics["folds"], metrics["history"], strict=True):
+        losses = [h["val_loss"] for h in history]
+        assert losses[0] < min(losses[1:5])  # the lucky untrained model
+        assert fold["best_epoch"] >= 4 and len(losses) == fold["best_epoch"] + 4, fold

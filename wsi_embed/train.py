@@ -225,8 +225,9 @@ def youden_threshold(y: np.ndarray, p1: np.ndarray) -> float | None:
 def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: ModelSpec,
         cfg: TrainConfig, seed: int, device: torch.device, desc: str) -> tuple[SlideModel, dict]:
     """Train on split['train'] until the validation loss stops improving for `patience`
-    epochs (or `epochs` are done); returns the best epoch's model, calibrated on the
-    validation part, and how training went. The LR warms up, then decays along a cosine
+    epochs after the warm-up (or `epochs` are done); returns the best epoch's model (the
+    best from the warm-up's last epoch on), calibrated on the validation part, and how
+    training went. The LR warms up, then decays along a cosine
     whose end follows the epoch training is expected to stop at (twice the best epoch, at
     least best + 2 × patience, at most --epochs), so the decay fits the epochs run."""
     label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
@@ -246,6 +247,9 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     steps = math.ceil(len(train_ids) / cfg.batch_size)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs else min(5.0, max(1.0, cfg.epochs / 20))
     best = {"val_loss": math.inf, "epoch": -1, "state": None}
+    # the model is judged once the LR has warmed up: an untrained network's validation loss
+    # can be lower by chance than the rising loss of its first epochs of learning
+    first = min(cfg.epochs, math.ceil(warmup)) - 1
     history = []
     bar = progress_bar(cfg.epochs, desc, unit="epoch", leave=False)
     t_start = time.perf_counter()
@@ -284,10 +288,10 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
             bar.update()
         # better by a margin: on separable data the loss creeps towards 0 for ever
         margin = max(1e-3, 1e-2 * best["val_loss"]) if best["epoch"] >= 0 else 0.0
-        if val_loss < best["val_loss"] - margin:
+        if epoch >= first and val_loss < best["val_loss"] - margin:
             best = {"val_loss": val_loss, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        elif epoch - best["epoch"] >= cfg.patience:
+        elif best["epoch"] >= 0 and epoch - best["epoch"] >= cfg.patience:
             stop = f"early stop: no better validation loss for {cfg.patience} epochs"
             break
     if bar is not None:
