@@ -227,9 +227,9 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
     """Train on split['train'] until the validation loss stops improving for `patience`
     epochs after the warm-up (or `epochs` are done); returns the best epoch's model (the
     best from the warm-up's last epoch on), calibrated on the validation part, and how
-    training went. The LR warms up, then decays along a cosine
-    whose end follows the epoch training is expected to stop at (twice the best epoch, at
-    least best + 2 × patience, at most --epochs), so the decay fits the epochs run."""
+    training went. The LR warms up, then decays along a cosine whose end follows the epoch
+    training is expected to stop at (twice the best epoch, at least best + 2 × patience, at
+    most --epochs), so the decay fits the epochs run."""
     label = dict(zip(t.slide_ids, t.y.tolist(), strict=True))
     train_ids, val_ids = split["train"], split["val"]
     torch.manual_seed(seed)
