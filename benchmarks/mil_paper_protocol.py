@@ -20,13 +20,14 @@ import argparse
 import csv
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+from wsi_embed.h5io import read_features
 
 
 class PaperNet(nn.Module):
@@ -49,11 +50,7 @@ def load(folder: Path) -> tuple[list[np.ndarray], np.ndarray]:
     with open(folder / "labels.csv", newline="") as fh:
         label = {r["slide_id"]: int(r["label"]) for r in csv.DictReader(fh)}
     ids = sorted(label)
-    bags = []
-    for i in ids:
-        with h5py.File(folder / f"{i}.h5", "r") as f:
-            bags.append(f["features"][:])
-    return bags, np.array([label[i] for i in ids])
+    return [read_features(folder / f"{i}.h5") for i in ids], np.array([label[i] for i in ids])
 
 
 def run_epochs(model, opt, xs, y, fit, epochs: int, seed: int, held=None, patience=20):
