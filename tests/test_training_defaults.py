@@ -223,3 +223,15 @@ def test_the_model_is_judged_after_the_warm_up(tmp_path):
         losses = [h["val_loss"] for h in history]
         assert losses[0] < min(losses[1:5])  # the lucky untrained model
         assert fold["best_epoch"] >= 4 and len(losses) == fold["best_epoch"] + 4, fold
+
+
+def test_a_diverging_run_says_so_and_leaves_no_model(tmp_path):
+    """An absurd learning rate makes the weights non-finite during the warm-up: one clear
+    line naming the fix, not a crash on a model that was never kept."""
+    bags = cohort(tmp_path / "b", n=40)
+    out = tmp_path / "m"
+    r = cli("train", "--features", bags.labels_csv.parent, "--labels", bags.labels_csv,
+            "--out", out, "--folds", 2, "--seeds", 1, "--epochs", 20, "--lr", "1e30")
+    assert r.exit_code == 2, r.output
+    assert "diverged" in r.output and "lower --lr (now 1e+30)" in r.output
+    assert not (out / "model.pt").exists()

@@ -49,6 +49,10 @@ class TrainError(UsageError):
     """Bad training input; the message names the file or option and the fix."""
 
 
+class TrainingDiverged(TrainError):
+    """The loss became non-finite before any epoch could be kept (too high a learning rate)."""
+
+
 def one_line(e: BaseException) -> str:
     """An error's message on one line, for a report's CSV cell."""
     return " ".join(str(e).split()) or type(e).__name__

@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from .bags import BagStore, FeatureSet
 from .choices import FeatureNorm, RegressionLoss, SurvivalLoss, Task
 from .devices import pick_device
-from .errors import TrainError
+from .errors import TrainError, TrainingDiverged
 from .feature_norm import feature_quantiles, feature_stats
 from .h5io import atomic_file, remove_stale_tmp, tmp_path
 from .heads import HEADS, default_bag_size
@@ -276,13 +276,23 @@ def fit(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Model
             opt.step()
             total += float(loss.detach()) * len(ids)
         val_loss = float(objective(_raw_logits(model, store, val_ids, device), y_val))
-        history.append({"epoch": epoch, "train_loss": total / len(train_ids),
-                        "val_loss": val_loss})
+        history.append({"epoch": epoch, **{k: v if math.isfinite(v) else None for k, v in (
+            ("train_loss", total / len(train_ids)), ("val_loss", val_loss))}})
         if bar is None:  # batch logs: a line per epoch (a terminal shows the bar instead)
             per_epoch = (time.perf_counter() - t_start) / (epoch + 1)
-            log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, best epoch %d; at most "
+            log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, best epoch %s; at most "
                      "%s left", desc, epoch + 1, cfg.epochs, total / len(train_ids), val_loss,
-                     max(best["epoch"], 0) + 1, clock(per_epoch * (cfg.epochs - epoch - 1)))
+                     best["epoch"] + 1 if best["epoch"] >= 0 else "- (warming up)",
+                     clock(per_epoch * (cfg.epochs - epoch - 1)))
+        if not (math.isfinite(total) and math.isfinite(val_loss)):
+            # NaN weights never recover: keep the best epoch if one was judged, else say why
+            if best["epoch"] < 0:
+                raise TrainingDiverged(
+                    f"{desc}: training diverged (a non-finite loss at epoch {epoch + 1}) "
+                    f"before any epoch could be kept: lower --lr (now {cfg.lr:g})")
+            stop = f"diverged at epoch {epoch + 1} (a non-finite loss); lower --lr"
+            log.warning("%s: %s; the best epoch (%d) is kept", desc, stop, best["epoch"] + 1)
+            break
         if bar is not None:
             bar.set_postfix(train=f"{total / len(train_ids):.3f}", val=f"{val_loss:.3f}")
             bar.update()
@@ -357,9 +367,16 @@ def tuned(store: BagStore, split: dict[str, list[str]], t: LabelTable, spec: Mod
     for setting in tune_settings(largest, cfg.tune_bag_size):
         c = replace(cfg, **setting)
         sp = replace(spec, dropout=setting["dropout"])
-        _, info = fit(store, split, t, sp, c, seed, device, f"{desc} tune")
+        try:
+            _, info = fit(store, split, t, sp, c, seed, device, f"{desc} tune")
+        except TrainingDiverged as e:  # too high an lr for these data: not a candidate
+            log.warning("%s: setting %s skipped: %s", desc, setting, e)
+            continue
         if info["best_val_loss"] < best[0]:
             best = (info["best_val_loss"], c, sp, setting)
+    if not best[3]:
+        raise TrainingDiverged(f"{desc}: every --tune setting diverged: check the features "
+                               "for extreme values")
     log.info("%s: tuned on validation: %s", desc, best[3])
     return best[1], best[2], best[3]
 
