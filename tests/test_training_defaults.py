@@ -235,3 +235,38 @@ def test_a_diverging_run_says_so_and_leaves_no_model(tmp_path):
     assert r.exit_code == 2, r.output
     assert "diverged" in r.output and "lower --lr (now 1e+30)" in r.output
     assert not (out / "model.pt").exists()
+
+
+def test_calibration_reaches_the_best_temperature_and_bias_within_its_bounds():
+    """Against a grid over T and the class bias: the fitted pair is as good as the grid's
+    best (an unconverged or unbounded search is not), also on separable held-out logits,
+    which pull T towards 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from wsi_embed.train import T_BOUNDS, fit_calibration
+
+    rng = np.random.default_rng(0)
+    temps = torch.exp(torch.linspace(np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1]), 300,
+                                     dtype=torch.float64))
+    shifts = torch.linspace(-8, 8, 321, dtype=torch.float64)
+    for case in range(40):
+        n = int(rng.integers(8, 30))
+        y = torch.tensor(rng.integers(0, 2, n))
+        y[:2] = torch.tensor([0, 1])
+        separable = case % 4 == 0
+        s = torch.tensor(rng.normal(0, 1, n)) + (2 * y - 1) * (3.0 if separable else
+                                                               rng.uniform(0, 2))
+        if separable:
+            s = torch.where(y == 1, s.abs() + 0.5, -s.abs() - 0.5)
+        logits = (torch.stack([-s, s], 1) * float(rng.uniform(0.2, 5))).float()
+        t, b = fit_calibration(logits, y)
+        assert T_BOUNDS[0] <= t <= T_BOUNDS[1] and torch.isfinite(b).all()
+        # the objective: NLL + 1e-3 |b|² (a weak pull that keeps b finite on separable data)
+        got = float(F.cross_entropy(logits.double() / t + b.double(), y) + 1e-3 * b.square().sum())
+        # every (T, bias) pair on the grid: bias = (-shift/2, shift/2), as b is centred
+        z = logits.double()[None, None] / temps[:, None, None, None]
+        z = z + torch.stack([-shifts / 2, shifts / 2], 1)[None, :, None, :]
+        grid = -torch.log_softmax(z, -1).gather(-1, y.expand(*z.shape[:2], n)[..., None])
+        best = float((grid.squeeze(-1).mean(-1) + 5e-4 * shifts[None] ** 2).min())
+        assert got <= best + 2e-3, (case, got, best, t)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -181,32 +182,38 @@ def warmup_cosine(epoch: float, warmup: float, horizon: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / span)))
 
 
+#: the temperature's range: below, a member's probabilities would be all 0 or 1; above, flat
+T_BOUNDS = (0.05, 20.0)
+
+
 def fit_calibration(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Temperature scaling (Guo et al. 2017) with a class bias: the T and b minimising the
     NLL of logits / T + b on held-out data. Training weighs classes equally, so the bias
     brings back the cohort's class priors and 0.5 means an even chance. (1, 0) when the data
-    cannot tell (one class, or fewer than 4 slides)."""
+    cannot tell (one class, or fewer than 4 slides). SciPy's L-BFGS-B keeps T within its
+    bounds during the search: separable held-out logits pull T towards 0, where an
+    unbounded search overflows."""
     n_classes = logits.shape[1]
     if len(y) < 4 or len(torch.unique(y)) < 2:
         return 1.0, torch.zeros(n_classes)
-    log_t = torch.zeros((), requires_grad=True)
-    bias = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    z = logits.detach().double()
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp() + bias, y) + 1e-3 * bias.square().sum()
+    def nll(p: np.ndarray) -> tuple[float, np.ndarray]:
+        q = torch.tensor(p, requires_grad=True)
+        loss = F.cross_entropy(z / q[0].exp() + q[1:], y) + 1e-3 * q[1:].square().sum()
         loss.backward()
-        return loss
+        return float(loss.detach()), q.grad.numpy()
 
     with torch.enable_grad():
-        before = float(F.cross_entropy(logits, y))
-        opt.step(closure)
-    t, b = log_t.detach().exp().clamp(0.05, 20.0), bias.detach()
+        res = minimize(nll, np.zeros(1 + n_classes), jac=True, method="L-BFGS-B",
+                       options={"gtol": 1e-9, "ftol": 1e-12},
+                       bounds=[tuple(map(math.log, T_BOUNDS))] + [(None, None)] * n_classes)
+    t, b = math.exp(res.x[0]), torch.tensor(res.x[1:], dtype=torch.float32)
+    before = float(F.cross_entropy(logits, y))
     after = float(F.cross_entropy(logits / t + b, y))
     if not (math.isfinite(after) and torch.isfinite(b).all() and after <= before):
         return 1.0, torch.zeros(n_classes)  # a failed fit leaves the model as trained
-    return float(t), b - b.mean()
+    return t, b - b.mean()
 
 
 def youden_threshold(y: np.ndarray, p1: np.ndarray) -> float | None:
