@@ -30,6 +30,7 @@ class FeatureNorm(StrEnum):
     """How features are scaled before a head (fitted on the training split, kept in the model)."""
 
     ZSCORE = "zscore"  # per-dimension mean and std
+    ZSCORE_CLIP = "zscore-clip"  # the same, clipped to ±feature_norm.Z_CLIP σ
     QUANTILE = "quantile"  # per-dimension training quantiles to a standard normal
 
 

@@ -667,10 +667,12 @@ def train(features: Path = typer.Option(..., "--features",
                                                    "afresh each epoch (0 = all); default 512, "
                                                    "transmil 256."),
           batch_size: int = typer.Option(8, "--batch-size", help="Bags per step (padded)."),
-          feature_norm: FeatureNorm = typer.Option(FeatureNorm.ZSCORE, "--feature-norm",
-                                                   help="zscore, or quantile: each dimension "
-                                                        "through its training quantiles to a "
-                                                        "normal (for heavy-tailed features)."),
+          feature_norm: FeatureNorm = typer.Option(FeatureNorm.ZSCORE_CLIP, "--feature-norm",
+                                                   help="zscore; zscore-clip: the same, "
+                                                        "clipped to ±5 σ (rare outliers); "
+                                                        "quantile: each dimension through its "
+                                                        "training quantiles to a normal "
+                                                        "(heavy-tailed features)."),
           patience: int = typer.Option(20, "--patience",
                                        help="Epochs without a better validation loss before "
                                             "stopping."),

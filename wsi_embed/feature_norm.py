@@ -1,10 +1,11 @@
 """How patch features are put on one scale before a head, fitted on the training split's
 patches only and stored in the model so that `classify` and heatmaps apply the same map.
 
-`zscore`: per-dimension mean and std. `quantile`: each dimension mapped through its training
-quantiles to a standard normal (scikit-learn's QuantileTransformer, in torch so it runs on
-the model's device), which brings heavy-tailed dimensions that z-scores leave tens of σ out
-back into range and ignores any monotone rescaling of a dimension."""
+`zscore`: per-dimension mean and std. `zscore-clip`: the same, clipped to ±Z_CLIP σ, so the
+rare patches that lie tens of σ out in a dimension do not dominate a head. `quantile`: each
+dimension mapped through its training quantiles to a standard normal (scikit-learn's
+QuantileTransformer, in torch so it runs on the model's device), which brings heavy-tailed
+dimensions back into range and ignores any monotone rescaling of a dimension."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import torch
 
 from .bags import BagStore
 
-__all__ = ["N_QUANTILES", "QUANTILE_SAMPLE", "feature_quantiles", "feature_stats", "to_normal"]
+__all__ = ["N_QUANTILES", "QUANTILE_SAMPLE", "Z_CLIP", "feature_quantiles", "feature_stats",
+           "to_normal"]
+
+Z_CLIP = 5.0  # zscore-clip's bound in σ: a normal dimension is never clipped (p ≈ 6e-7)
 
 N_QUANTILES = 1000  # scikit-learn's default
 QUANTILE_SAMPLE = 20_000  # patches the quantiles are computed from; a random subset beyond

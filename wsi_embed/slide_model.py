@@ -16,7 +16,7 @@ from torch import nn
 from . import __version__
 from .choices import FeatureNorm
 from .errors import ModelError, one_line
-from .feature_norm import to_normal
+from .feature_norm import Z_CLIP, to_normal
 from .h5io import atomic_file
 from .heads import HeadOutput, build_head
 from .heads.mean import MeanMIL
@@ -61,8 +61,8 @@ class ModelSpec:
 
 
 class SlideModel(nn.Module):
-    """Standardise features with the training split's statistics (z-scores, or its quantiles
-    mapped to a normal), then apply the head."""
+    """Standardise features with the training split's statistics (z-scores, clipped or not,
+    or its quantiles mapped to a normal), then apply the head."""
 
     def __init__(self, spec: ModelSpec, mean: np.ndarray | None = None,
                  std: np.ndarray | None = None, quantiles: np.ndarray | None = None):
@@ -88,7 +88,8 @@ class SlideModel(nn.Module):
         """Features as the head was trained to see them."""
         if self.spec.feature_norm == FeatureNorm.QUANTILE:
             return to_normal(x, self.quantiles)
-        return (x - self.mean) / self.std
+        z = (x - self.mean) / self.std
+        return z.clamp(-Z_CLIP, Z_CLIP) if self.spec.feature_norm == FeatureNorm.ZSCORE_CLIP else z
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> HeadOutput:
         return self.head(self.standardise(x), mask, labels)

@@ -84,7 +84,7 @@ class TrainConfig:
     patient_bags: bool = False  # a patient's slides form one bag; patients are predicted
     multi_head: bool = False  # several --targets: one model with a head per target
     bootstrap: int | None = None  # CI resamples of statistics/ (None: stats.BOOTSTRAP)
-    feature_norm: FeatureNorm = FeatureNorm.ZSCORE
+    feature_norm: FeatureNorm = FeatureNorm.ZSCORE_CLIP
 
     def __post_init__(self):
         """The head's bag size resolved once, so every fit and config.json see the number;
