@@ -19,7 +19,7 @@ from .bags import BagStore
 __all__ = ["N_QUANTILES", "QUANTILE_SAMPLE", "Z_CLIP", "feature_quantiles", "feature_stats",
            "to_normal"]
 
-Z_CLIP = 5.0  # zscore-clip's bound in σ: a normal dimension is never clipped (p ≈ 6e-7)
+Z_CLIP = 5.0  # zscore-clip's bound in σ: a Gaussian dimension is clipped with p ≈ 6e-7
 
 N_QUANTILES = 1000  # scikit-learn's default
 QUANTILE_SAMPLE = 20_000  # patches the quantiles are computed from; a random subset beyond
