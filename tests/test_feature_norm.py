@@ -71,17 +71,36 @@ def test_large_cohorts_take_their_quantiles_from_a_fixed_sample(tmp_path):
     assert np.abs(np.median(q, 1) - np.median(whole, 1)).max() < 0.15  # the lognormal's 1.0
 
 
+def witness_cohort(folder, change):
+    """60 witness bags (32-d, 6 σ), each features file rewritten as change(x)."""
+    bags = write_witness_bags(folder, 60, dim=32, patches=(20, 40), witness_frac=(0.1, 0.2),
+                              shift=6.0, seed=0)
+    for p in sorted(folder.glob("*.h5")):
+        with h5py.File(p, "r+") as f:
+            x = change(f["features"][:].astype(np.float32))
+            del f["features"]
+            f["features"] = x
+    return bags
+
+
 def heavy_tailed_cohort(folder):
     """Witness bags whose every feature went through sinh(3x): monotone, so the signal is
     all there, but a few patches per dimension lie hundreds of σ out."""
-    bags = write_witness_bags(folder, 60, dim=32, patches=(20, 40), witness_frac=(0.1, 0.2),
-                              shift=6.0, seed=0)
-    for p in folder.glob("*.h5"):
-        with h5py.File(p, "r+") as f:
-            x = f["features"][:].astype(np.float32)
-            del f["features"]
-            f["features"] = np.sinh(3 * x)
-    return bags
+    return witness_cohort(folder, lambda x: np.sinh(3 * x))
+
+
+def fold_model_reproduces_its_predictions(out, feats):
+    """fold_0's model file, and the last test bag's features, after checking that the model
+    gives the fold's predictions (through its stored feature map)."""
+    split = json.loads((out / "splits.json").read_text())["fold_0"]
+    model, _ = load_model(out / "folds" / "fold_0" / "model.pt")
+    with open(out / "folds" / "fold_0" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["slide_id"] for r in rows] == split["test"]
+    for row in rows:
+        x = read_features(feats / f"{row['slide_id']}.h5")
+        assert abs(predict_bag(model, x)[0][1] - float(row["prob_1"])) < 1e-5
+    return model, split, x
 
 
 def oof_auc(out) -> float:
@@ -106,17 +125,9 @@ def test_quantile_norm_learns_a_heavy_tailed_signal_and_the_model_file_keeps_its
     assert config["feature_norm"] == config["model"]["feature_norm"] == "quantile"
 
     # a fold's model file reproduces the fold's predictions through its stored table
-    split = json.loads((tmp_path / "q" / "splits.json").read_text())["fold_0"]
-    model, _ = load_model(tmp_path / "q" / "folds" / "fold_0" / "model.pt")
-    member = model.members[0]
-    assert member.quantiles.shape == (32, min(1000, sum(
+    model, split, x = fold_model_reproduces_its_predictions(tmp_path / "q", feats)
+    assert model.members[0].quantiles.shape == (32, min(1000, sum(
         len(read_features(feats / f"{s}.h5")) for s in split["train"])))
-    with open(tmp_path / "q" / "folds" / "fold_0" / "predictions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["slide_id"] for r in rows] == split["test"]
-    for row in rows:
-        x = read_features(feats / f"{row['slide_id']}.h5")
-        assert abs(predict_bag(model, x)[0][1] - float(row["prob_1"])) < 1e-5
     scores, _ = patch_contributions(model, x)
     assert scores.shape == (len(x),) and np.isfinite(scores).all()
 
@@ -134,16 +145,14 @@ def test_clipped_z_scores_keep_rare_outliers_from_hiding_the_signal(tmp_path):
     """Gaussian witness bags where 0.3 % of the values are pushed 40 σ out (as in FOX and
     TIGER, whose dimensions have rare values tens of σ out): with plain z-scores those few
     patches dominate the head and the planted signal is lost; clipped to ±5 σ it is learned."""
-    bags = write_witness_bags(tmp_path / "b", 60, dim=32, patches=(20, 40),
-                              witness_frac=(0.1, 0.2), shift=6.0, seed=0)
     rng = np.random.default_rng(100)
-    for p in sorted((tmp_path / "b").glob("*.h5")):
-        with h5py.File(p, "r+") as f:
-            x = f["features"][:].astype(np.float32)
-            hit = rng.random(x.shape) < 0.003
-            x[hit] += 40 * rng.choice([-1, 1], hit.sum())
-            del f["features"]
-            f["features"] = x
+
+    def outliers(x):
+        hit = rng.random(x.shape) < 0.003
+        x[hit] += 40 * rng.choice([-1, 1], hit.sum())
+        return x
+
+    bags = witness_cohort(tmp_path / "b", outliers)
     base = ["train", "--features", tmp_path / "b", "--labels", bags.labels_csv, "--folds", 2,
             "--seeds", 1, "--lr", "2e-3", "--epochs", 30]
     r = cli(*base, "--out", tmp_path / "z", "--feature-norm", "zscore")
@@ -156,12 +165,7 @@ def test_clipped_z_scores_keep_rare_outliers_from_hiding_the_signal(tmp_path):
         "zscore-clip"
 
     # the model file clips too: a fold's model reproduces the fold's predictions
-    model, _ = load_model(tmp_path / "c" / "folds" / "fold_0" / "model.pt")
+    model, _, x = fold_model_reproduces_its_predictions(tmp_path / "c", tmp_path / "b")
     assert model.members[0].spec.feature_norm == "zscore-clip"
-    with open(tmp_path / "c" / "folds" / "fold_0" / "predictions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        x = read_features(tmp_path / "b" / f"{row['slide_id']}.h5")
-        assert abs(predict_bag(model, x)[0][1] - float(row["prob_1"])) < 1e-5
     z = model.members[0].standardise(torch.tensor(x))
     assert float(z.abs().max()) == 5.0
